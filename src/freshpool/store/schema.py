@@ -1,0 +1,93 @@
+"""The store's tables. Times are seconds since the epoch (UTC) as floats."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    # AUTOINCREMENT: ids are never reused, so a stray instance tagged with an old id
+    # can never be mistaken for a newer node.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("label", String(64), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("build_id", String(128), nullable=False, server_default=""),
+    Column("hostname", String(128), nullable=False),
+    Column("external_id", String(256)),
+    Column("access", JSON),
+    Column("request_id", Integer),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("created_at", Float, nullable=False),
+    Column("state_at", Float, nullable=False),
+    Column("ready_at", Float),
+    Column("delete_attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float, nullable=False, server_default="0"),
+    sqlite_autoincrement=True,
+)
+Index("ix_nodes_state_label", nodes.c.state, nodes.c.label, nodes.c.provider)
+Index("ix_nodes_request", nodes.c.request_id)
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("labels", JSON, nullable=False),
+    Column("requestor", String(256), nullable=False, server_default=""),
+    Column("tenant", String(64), nullable=False, server_default=""),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("created_at", Float, nullable=False),
+    Column("state_at", Float, nullable=False),
+    Column("deadline", Float),
+    sqlite_autoincrement=True,
+)
+Index("ix_requests_state", requests.c.state, requests.c.created_at)
+
+image_builds = Table(
+    "image_builds",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("image", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("manifest", JSON),
+    Column("created_at", Float, nullable=False),
+    Column("state_at", Float, nullable=False),
+)
+Index("ix_image_builds_image", image_builds.c.image, image_builds.c.state)
+
+# History outlives the node rows, so it holds plain ids, not foreign keys.
+node_events = Table(
+    "node_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("node_id", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("from_state", String(16)),
+    Column("to_state", String(16)),
+    Column("reason", Text, nullable=False, server_default=""),
+)
+Index("ix_node_events_node", node_events.c.node_id, node_events.c.at)

@@ -1,0 +1,100 @@
+"""The store against a real SQLite file: migrations, compare-and-set, atomic hand-out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from freshpool.states import InvalidTransition, NodeState, RequestState
+from freshpool.store import StaleState, Store
+
+N = NodeState
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path)
+    yield s
+    s.close()
+
+
+def ready_node(store: Store, label: str = "l", provider: str = "p") -> int:
+    node = store.new_node(label, provider, "b1", "fp-l")
+    store.transition(node.id, N.BUILDING, N.TESTING, "created")
+    store.transition(node.id, N.TESTING, N.READY, "tested")
+    return node.id
+
+
+def test_migrations_create_every_table_and_wal(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    names = set(inspect(store.engine).get_table_names())
+    assert {"nodes", "requests", "image_builds", "node_events", "alembic_version"} <= names
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    cluster = store.cluster_id
+    store.close()
+    assert Store.open(tmp_path).cluster_id == cluster  # stable across opens
+
+
+def test_disallowed_transition_raises_and_changes_nothing(store: Store) -> None:
+    node_id = ready_node(store)
+    store.transition(node_id, N.READY, N.IN_USE, "job")
+    with pytest.raises(InvalidTransition):
+        store.transition(node_id, N.IN_USE, N.READY, "put back")
+    with pytest.raises(InvalidTransition):
+        store.move(node_id, N.READY, "put back")
+    assert store.node(node_id).state == N.IN_USE
+
+
+def test_compare_and_set_refuses_a_stale_expectation(store: Store) -> None:
+    node_id = ready_node(store)
+    store.transition(node_id, N.READY, N.IN_USE, "first")
+    with pytest.raises(StaleState):
+        store.transition(node_id, N.READY, N.IN_USE, "second")
+
+
+def test_event_history_records_every_change(store: Store) -> None:
+    node_id = ready_node(store)
+    store.move(node_id, N.DELETING, "operator")
+    store.remove_node(node_id, "gone")
+    steps = [(e.from_state, e.to_state) for e in store.events(node_id)]
+    assert steps == [(None, "building"), ("building", "testing"), ("testing", "ready"),
+                     ("ready", "deleting"), ("deleting", None)]
+
+
+def test_row_is_removed_only_from_deleting(store: Store) -> None:
+    node_id = ready_node(store)
+    with pytest.raises(StaleState):
+        store.remove_node(node_id, "too early")
+    assert store.node(node_id).state == N.READY
+
+
+def test_node_ids_are_never_reused(store: Store) -> None:
+    first = ready_node(store)
+    store.move(first, N.DELETING, "x")
+    store.remove_node(first, "gone")
+    assert ready_node(store) > first
+
+
+def test_fulfil_hands_a_node_set_from_one_provider(store: Store) -> None:
+    ready_node(store, "a", "p1")  # p1 lacks a second "a"
+    a1, a2, b = ready_node(store, "a", "p2"), ready_node(store, "a", "p2"), ready_node(store, "b", "p2")
+    request = store.new_request(["a", "b", "a"], requestor="t")
+    got = store.fulfil(request.id, ["p1", "p2"])
+    assert got is not None
+    assert sorted(n.id for n in got) == sorted([a1, a2, b])
+    assert {n.state for n in got} == {"in-use"}
+    assert store.request(request.id).state == RequestState.FULFILLED
+    with pytest.raises(StaleState):
+        store.fulfil(request.id, ["p2"])
+
+
+def test_fulfil_returns_none_when_not_all_ready(store: Store) -> None:
+    ready_node(store, "a", "p")
+    request = store.new_request(["a", "a"])
+    assert store.fulfil(request.id, ["p"]) is None
+    assert store.request(request.id).state == RequestState.PENDING
+    assert [n.state for n in store.nodes()] == ["ready"]
+    assert store.pending_demand() == {"a": 2}
