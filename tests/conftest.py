@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from freshpool.config import Image
+from freshpool.config import load as load_config
+from freshpool.images.build import build_cached
+from freshpool.store import Store
+from tests.support import Pool, destroy_cluster, pool_yaml, register_test_image
 
 TEST_IMAGE = Image(name="debian-bookworm", packages=["python3"], prefetch=["make"])
 # Survives between test sessions on a developer's machine; CI starts empty and builds once.
@@ -22,16 +26,30 @@ def image_build_dir() -> Path:
     override = os.environ.get("FRESHPOOL_TEST_IMAGE_DIR")
     if override:
         return Path(override)
-    from freshpool.images.build import build_image
-
-    key = hashlib.sha256(TEST_IMAGE.model_dump_json().encode()).hexdigest()[:12]
-    build_dir = IMAGE_CACHE / f"image-{key}"
-    if not (build_dir / "manifest.json").exists():
-        shutil.rmtree(build_dir, ignore_errors=True)
-        build_image(TEST_IMAGE, build_dir, cache_dir=IMAGE_CACHE / "debootstrap")
-    return build_dir
+    return build_cached(TEST_IMAGE, IMAGE_CACHE)
 
 
 @pytest.fixture(scope="session")
 def image_rootfs(image_build_dir: Path) -> Path:
     return image_build_dir / "rootfs"
+
+
+@pytest.fixture
+def make_pool(tmp_path: Path, image_build_dir: Path) -> Iterator[Callable[..., Pool]]:
+    made: list[Pool] = []
+
+    def make(**kwargs: Any) -> Pool:
+        state_dir = tmp_path / f"state{len(made)}"
+        path = tmp_path / f"freshpool{len(made)}.yaml"
+        path.write_text(pool_yaml(state_dir, **kwargs))
+        config = load_config(path)
+        store = Store.open(config.state_dir)
+        register_test_image(store, image_build_dir)
+        pool = Pool(path, config, store)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        destroy_cluster(pool.config, pool.store)
+        pool.store.close()

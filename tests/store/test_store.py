@@ -60,8 +60,13 @@ def test_event_history_records_every_change(store: Store) -> None:
     store.move(node_id, N.DELETING, "operator")
     store.remove_node(node_id, "gone")
     steps = [(e.from_state, e.to_state) for e in store.events(node_id)]
-    assert steps == [(None, "building"), ("building", "testing"), ("testing", "ready"),
-                     ("ready", "deleting"), ("deleting", None)]
+    assert steps == [
+        (None, "building"),
+        ("building", "testing"),
+        ("testing", "ready"),
+        ("ready", "deleting"),
+        ("deleting", None),
+    ]
 
 
 def test_row_is_removed_only_from_deleting(store: Store) -> None:
@@ -80,7 +85,11 @@ def test_node_ids_are_never_reused(store: Store) -> None:
 
 def test_fulfil_hands_a_node_set_from_one_provider(store: Store) -> None:
     ready_node(store, "a", "p1")  # p1 lacks a second "a"
-    a1, a2, b = ready_node(store, "a", "p2"), ready_node(store, "a", "p2"), ready_node(store, "b", "p2")
+    a1, a2, b = (
+        ready_node(store, "a", "p2"),
+        ready_node(store, "a", "p2"),
+        ready_node(store, "b", "p2"),
+    )
     request = store.new_request(["a", "b", "a"], requestor="t")
     got = store.fulfil(request.id, ["p1", "p2"])
     assert got is not None

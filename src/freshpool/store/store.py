@@ -231,6 +231,17 @@ class Store:
                 continue
         raise StaleState(f"node {node_id} kept changing state; try again")
 
+    def set_instance(
+        self, node_id: int, external_id: str | None, access: dict[str, Any] | None
+    ) -> None:
+        """Record what the provider created, whatever state the node is in now."""
+        with self._write() as conn:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id)
+                .values(external_id=external_id, access=access)
+            )
+
     def record_delete_failure(self, node_id: int, error: str, retry_at: float) -> None:
         with self._write() as conn:
             conn.execute(
@@ -310,6 +321,13 @@ class Store:
             for (labels,) in conn.execute(query):
                 demand.update(labels)
         return demand
+
+    def overdue_requests(self, now: float) -> list[RequestRow]:
+        query = select(requests).where(
+            requests.c.state == RequestState.PENDING, requests.c.deadline < now
+        )
+        with self._read() as conn:
+            return [RequestRow(**row._mapping) for row in conn.execute(query)]
 
     def finish_request(self, request_id: int, to: RequestState, reason: str) -> RequestRow:
         states.check_request(RequestState.PENDING, to)

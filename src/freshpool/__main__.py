@@ -1,0 +1,3 @@
+from freshpool.cli import main
+
+main()

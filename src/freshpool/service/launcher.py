@@ -1,0 +1,421 @@
+"""The launcher: a level-triggered loop that makes the pool what the config wants.
+
+Each pass compares wanted (min-ready plus waiting requests, per label) with what
+exists, starts launches within provider limits, advances every operation in flight
+without blocking, tests new nodes, and deletes used and failed ones. One thread
+drives thousands of operations; drivers return non-blocking operations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from freshpool.config import Config, Label, Provider
+from freshpool.drivers.base import Driver, Instance, NodeSpec, Operation, SshAccess, Tags
+from freshpool.drivers.ssh import CommandOperation
+from freshpool.service.retry import DRIVER_RETRY, RetryPolicy
+from freshpool.states import NODE_SUPPLY_STATES, NODE_TO_DELETE_STATES, NodeState, RequestState
+from freshpool.store import NodeRow, StaleState, Store
+
+log = logging.getLogger("freshpool.launcher")
+N = NodeState
+
+
+@dataclass
+class InFlight:
+    """Operations this process is advancing, by node id."""
+
+    creating: dict[int, Operation[Instance]] = field(default_factory=dict)
+    testing: dict[int, CommandOperation] = field(default_factory=dict)
+    deleting: dict[int, Operation[None]] = field(default_factory=dict)
+    # Instances with no row (strays found by tag), by (provider, external id).
+    strays: dict[tuple[str, str], Operation[None]] = field(default_factory=dict)
+    # (provider, label) of each node being created or tested.
+    launch_of: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def operations(self) -> list[Operation]:
+        return [
+            *self.creating.values(),
+            *self.testing.values(),
+            *self.deleting.values(),
+            *self.strays.values(),
+        ]
+
+    def launches_on(self, provider: str) -> int:
+        return sum(1 for p, _ in self.launch_of.values() if p == provider)
+
+
+class Launcher:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        drivers: dict[str, Driver],
+        retry: RetryPolicy = DRIVER_RETRY,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.drivers = drivers
+        self.retry = retry
+        self.ops = InFlight()
+        self._warned: dict[str, float] = {}
+        # Consecutive launch failures per (provider, label), and when launching may resume:
+        # a broken image must not turn into a tight create-fail-delete loop.
+        self._failures: Counter[tuple[str, str]] = Counter()
+        self._paused_until: dict[tuple[str, str], float] = {}
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, stop: threading.Event) -> None:
+        self.recover()
+        watcher = self.store.change_watcher()
+        try:
+            while not stop.is_set():
+                self.reconcile()
+                self._sleep(stop, watcher.changed)
+        finally:
+            watcher.close()
+            self.shutdown()
+
+    def _sleep(self, stop: threading.Event, changed) -> None:  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        wake = now + self.config.interval
+        pending = self.ops.operations()
+        if pending:
+            wake = min(wake, max(now, min(op.not_before for op in pending)))
+        # Poll the store's change counter (one cheap pragma) so a release or a new
+        # request from another process is acted on within milliseconds.
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= wake or changed():
+                return
+            stop.wait(min(0.02, wake - now))
+
+    def reconcile(self) -> None:
+        """One pass: advance operations, delete what must go, launch what is missing."""
+        self._advance()
+        self._expire_requests()
+        self._retire_old_ready()
+        self._start_deletes()
+        self._launch()
+
+    # ------------------------------------------------------- start and stop
+
+    def recover(self) -> None:
+        """Reconcile with what exists after a start: adopt known live nodes, delete strays."""
+        for name, driver in self.drivers.items():
+            instances = {i.tags.node_id: i for i in driver.list_instances() if i.tags}
+            rows = {row.id: row for row in self.store.nodes(provider=name)}
+            for row in rows.values():
+                instance = instances.get(row.id)
+                if row.state in (N.BUILDING, N.TESTING):
+                    self._fail(row, f"launcher restarted while the node was {row.state}")
+                elif row.state in (N.READY, N.IN_USE, N.HOLD):
+                    if instance is None or not instance.alive:
+                        self._fail(row, "instance vanished while the launcher was down")
+                    else:
+                        log.info("node %s: adopted (%s)", row.id, row.state)
+            for node_id, instance in instances.items():
+                if node_id not in rows:
+                    log.warning(
+                        "provider %s: stray instance %s (node %s has no row): deleting",
+                        name,
+                        instance.external_id,
+                        node_id,
+                    )
+                    self.ops.strays[(name, instance.external_id)] = driver.delete(
+                        instance.external_id
+                    )
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop cleanly: finish deletes, and undo launches that did not reach ready."""
+        deadline = time.monotonic() + timeout
+        for node_id in list(self.ops.testing):
+            self.ops.testing.pop(node_id)
+            self.ops.launch_of.pop(node_id, None)
+            self._fail_id(node_id, N.TESTING, "launcher stopped before the test finished")
+        while time.monotonic() < deadline and (
+            self.ops.creating or self.ops.deleting or self.ops.strays
+        ):
+            self._advance(shutting_down=True)
+            self._start_deletes()
+            time.sleep(0.01)
+        if self.ops.operations():
+            log.warning(
+                "stopped with %d operations unfinished; the next start cleans them up",
+                len(self.ops.operations()),
+            )
+
+    # --------------------------------------------------- advancing operations
+
+    def _advance(self, shutting_down: bool = False) -> None:
+        now = time.monotonic()
+        for node_id, op in list(self.ops.creating.items()):
+            if now >= op.not_before:
+                op.advance()
+            if op.done:
+                del self.ops.creating[node_id]
+                self._created(node_id, op, shutting_down)
+        for node_id, test in list(self.ops.testing.items()):
+            if now >= test.not_before:
+                test.advance()
+            if test.done:
+                del self.ops.testing[node_id]
+                self._tested(node_id, test)
+        for node_id, op in list(self.ops.deleting.items()):
+            if now >= op.not_before:
+                op.advance()
+            if op.done:
+                del self.ops.deleting[node_id]
+                self._deleted(node_id, op)
+        for key, op in list(self.ops.strays.items()):
+            if now >= op.not_before:
+                op.advance()
+            if op.done:
+                del self.ops.strays[key]
+                if op.error:
+                    log.warning("stray %s on %s: delete failed: %s", key[1], key[0], op.error)
+                else:
+                    log.info("stray %s on %s: deleted", key[1], key[0])
+
+    def _launch_outcome(self, node_id: int, ok: bool) -> None:
+        key = self.ops.launch_of.pop(node_id, None)
+        if key is None:
+            return
+        if ok:
+            self._failures.pop(key, None)
+            self._paused_until.pop(key, None)
+            return
+        self._failures[key] += 1
+        delay = self.retry.delay(self._failures[key] - 1)
+        self._paused_until[key] = time.monotonic() + delay
+        log.warning(
+            "provider %s label %s: %d launch failures in a row; next launch in %.0f s",
+            key[0],
+            key[1],
+            self._failures[key],
+            delay,
+        )
+
+    def _created(self, node_id: int, op: Operation[Instance], shutting_down: bool) -> None:
+        if op.error is not None:
+            self._launch_outcome(node_id, ok=False)
+            self._fail_id(node_id, N.BUILDING, f"launch failed: {op.error}")
+            return
+        instance = op.result
+        assert instance is not None
+        values = {
+            "external_id": instance.external_id,
+            "access": instance.access.as_dict() if instance.access else None,
+        }
+        if shutting_down:
+            self._fail_id(
+                node_id, N.BUILDING, "launcher stopped before the node was tested", values
+            )
+            return
+        try:
+            row = self.store.transition(node_id, N.BUILDING, N.TESTING, "instance up", **values)
+        except StaleState:
+            # Someone deleted it while it was being created; the deleter takes it from here.
+            self.ops.launch_of.pop(node_id, None)
+            self.store.set_instance(node_id, **values)
+            return
+        label = self.config.label(row.label)
+        access = SshAccess(**values["access"]) if values["access"] else None
+        if access is None:
+            self._fail_id(node_id, N.TESTING, "driver returned no way to reach the node")
+            return
+        test = CommandOperation(access, label.ready_command, label.test_timeout)
+        test.advance()
+        self.ops.testing[node_id] = test
+
+    def _tested(self, node_id: int, test: CommandOperation) -> None:
+        self._launch_outcome(node_id, ok=test.error is None and test.result == 0)
+        if test.error is None and test.result == 0:
+            try:
+                self.store.transition(node_id, N.TESTING, N.READY, "ready command passed")
+                log.info("node %s: ready", node_id)
+            except StaleState:
+                pass
+            return
+        tail = test.output.strip().splitlines()[-3:]
+        why = (
+            f"test failed: {test.error}"
+            if test.error is not None
+            else f"ready command exited {test.result}"
+        )
+        if tail:
+            why += f": {' | '.join(tail)}"
+        self._fail_id(node_id, N.TESTING, why)
+
+    def _deleted(self, node_id: int, op: Operation[None]) -> None:
+        if op.error is None:
+            try:
+                self.store.remove_node(node_id, "instance confirmed gone")
+                log.info("node %s: deleted", node_id)
+            except StaleState as exc:
+                log.error("node %s: %s", node_id, exc)
+            return
+        row = self.store.node(node_id)
+        attempt = row.delete_attempts
+        delay = self.retry.delay(attempt)
+        log.warning(
+            "node %s: delete failed (try %d), retry in %.0f s: %s",
+            node_id,
+            attempt + 1,
+            delay,
+            op.error,
+        )
+        self.store.record_delete_failure(node_id, str(op.error), time.time() + delay)
+
+    def _fail(self, row: NodeRow, reason: str) -> None:
+        self._fail_id(row.id, N(row.state), reason)
+
+    def _fail_id(
+        self, node_id: int, expect: NodeState, reason: str, values: dict | None = None
+    ) -> None:
+        try:
+            self.store.transition(node_id, expect, N.FAILED, reason, **(values or {}))
+            log.warning("node %s: failed: %s", node_id, reason)
+        except StaleState:
+            if values:
+                self.store.set_instance(node_id, **values)
+
+    # ------------------------------------------------------------- deleting
+
+    def _start_deletes(self) -> None:
+        for row in self.store.nodes(states_in=sorted(NODE_TO_DELETE_STATES)):
+            if row.id in self.ops.creating:
+                continue
+            try:
+                self.store.transition(row.id, N(row.state), N.DELETING, f"{row.state}: delete")
+            except StaleState:
+                continue
+        now = time.time()
+        for row in self.store.nodes(states_in=[N.DELETING]):
+            if row.id in self.ops.deleting or row.id in self.ops.creating:
+                continue
+            if row.next_attempt_at > now:
+                continue
+            driver = self.drivers.get(row.provider)
+            if driver is None:
+                self._warn_once(
+                    f"provider:{row.provider}",
+                    f"node {row.id}: provider {row.provider!r} is not configured;"
+                    " cannot delete it until it is",
+                )
+                continue
+            external_id = row.external_id or driver.external_id_for(
+                Tags(self.store.cluster_id, row.id, row.build_id)
+            )
+            if external_id is None:
+                external_id = self._find_external_id(driver, row.id)
+            if external_id is None:
+                # Never created at the provider: nothing to delete.
+                self.store.remove_node(row.id, "no instance was ever created")
+                continue
+            op = driver.delete(external_id)
+            op.advance()
+            self.ops.deleting[row.id] = op
+
+    @staticmethod
+    def _find_external_id(driver: Driver, node_id: int) -> str | None:
+        for instance in driver.list_instances():
+            if instance.tags and instance.tags.node_id == node_id:
+                return instance.external_id
+        return None
+
+    def _retire_old_ready(self) -> None:
+        now = time.time()
+        for label in self.config.labels:
+            if label.max_ready_age is None:
+                continue
+            for row in self.store.nodes(states_in=[N.READY], label=label.name):
+                if row.ready_at is not None and now - row.ready_at > label.max_ready_age:
+                    with contextlib.suppress(StaleState):
+                        self.store.transition(
+                            row.id,
+                            N.READY,
+                            N.DELETING,
+                            f"ready longer than max-ready-age ({label.max_ready_age:g} s)",
+                        )
+
+    def _expire_requests(self) -> None:
+        for request in self.store.overdue_requests(time.time()):
+            with contextlib.suppress(StaleState):
+                self.store.finish_request(
+                    request.id, RequestState.FAILED, "deadline passed before nodes were ready"
+                )
+
+    # ------------------------------------------------------------ launching
+
+    def _launch(self) -> None:
+        counts = self.store.node_counts()
+        demand = self.store.pending_demand()
+        used_by_provider: Counter[str] = Counter()
+        supply: Counter[str] = Counter()
+        for (provider, label, state), n in counts.items():
+            used_by_provider[provider] += n
+            if state in NODE_SUPPLY_STATES:
+                supply[label] += n
+        for label in self.config.labels:
+            want = label.min_ready + demand.get(label.name, 0)
+            missing = want - supply[label.name]
+            if missing <= 0:
+                continue
+            build = self.store.serving_build(label.image)
+            if build is None:
+                self._warn_once(
+                    f"image:{label.image}",
+                    f"label {label.name}: image {label.image!r} has no ready build;"
+                    f" run `freshpool image build {label.image}`",
+                )
+                continue
+            for provider in self._providers_by_room(label, used_by_provider):
+                if self._paused_until.get((provider.name, label.name), 0) > time.monotonic():
+                    continue
+                room = min(
+                    provider.max_nodes - used_by_provider[provider.name],
+                    provider.max_parallel_launches - self.ops.launches_on(provider.name),
+                    missing,
+                )
+                for _ in range(max(0, room)):
+                    self._start_launch(provider, label, build.id, Path(build.path))
+                    used_by_provider[provider.name] += 1
+                    missing -= 1
+                if missing <= 0:
+                    break
+
+    def _providers_by_room(self, label: Label, used: Counter[str]) -> list[Provider]:
+        mine = [p for p in self.config.providers_for(label.name) if p.name in self.drivers]
+        return sorted(mine, key=lambda p: used[p.name] - p.max_nodes)
+
+    def _start_launch(
+        self, provider: Provider, label: Label, build_id: str, build_path: Path
+    ) -> None:
+        row = self.store.new_node(label.name, provider.name, build_id, label.name)
+        spec = NodeSpec(
+            node_id=row.id,
+            cluster=self.store.cluster_id,
+            label=label.name,
+            hostname=row.hostname,
+            build_id=build_id,
+            layers=(build_path / "rootfs",),
+            user=label.user,
+        )
+        op = self.drivers[provider.name].create(spec)
+        op.advance()
+        self.ops.creating[row.id] = op
+        self.ops.launch_of[row.id] = (provider.name, label.name)
+
+    def _warn_once(self, key: str, message: str, every: float = 60.0) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -every) >= every:
+            self._warned[key] = now
+            log.warning("%s", message)

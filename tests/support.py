@@ -1,0 +1,111 @@
+"""Helpers for tests that run a real local pool (imported by conftest and tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from freshpool.config import Config
+from freshpool.drivers.base import load_driver
+from freshpool.service.launcher import Launcher
+from freshpool.states import BuildState
+from freshpool.store import Store
+
+# ------------------------------------------------------------------ pools
+
+_subnets = iter(range(1, 250))
+
+
+def pool_yaml(
+    state_dir: Path,
+    *,
+    min_ready: int = 2,
+    max_nodes: int = 10,
+    ready_command: str = "true",
+    extra_label: str = "",
+) -> str:
+    """A config for a real local pool in its own state dir and its own /24."""
+    n = next(_subnets)
+    return f"""
+state-dir: {state_dir}
+interval: 0.2
+providers:
+  - name: local
+    driver: local
+    max-nodes: {max_nodes}
+    network:
+      subnet: 10.215.{n}.0/24
+labels:
+  - name: debian
+    image: debian-bookworm
+    min-ready: {min_ready}
+    ready-command: {json.dumps(ready_command)}
+{extra_label}
+images:
+  - name: debian-bookworm
+"""
+
+
+def register_test_image(store: Store, build_dir: Path) -> None:
+    """Record the session's prebuilt image as the serving build of debian-bookworm."""
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    build = store.new_build("debian-bookworm-test", "debian-bookworm", str(build_dir))
+    store.build_transition(
+        build.id, BuildState.BUILDING, BuildState.READY, "prebuilt", manifest=manifest
+    )
+
+
+def destroy_cluster(config: Config, store: Store) -> None:
+    """Delete every instance of the cluster and its bridge, whatever the test left."""
+    for provider in config.providers:
+        driver = load_driver(provider, store.cluster_id, config.state_dir)
+        for instance in driver.list_instances():
+            driver.delete(instance.external_id).wait(timeout=30)
+        teardown = getattr(driver, "teardown", None)
+        if teardown is not None:
+            teardown()
+
+
+@dataclass
+class Pool:
+    config_path: Path
+    config: Config
+    store: Store
+
+    def cli(
+        self, *args: str, timeout: float = 120, check: bool = False, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "freshpool", "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            **kwargs,
+        )
+
+    def launcher(self) -> Launcher:
+        drivers = {
+            p.name: load_driver(p, self.store.cluster_id, self.config.state_dir)
+            for p in self.config.providers
+        }
+        return Launcher(self.config, self.store, drivers)
+
+    def fill(self, launcher: Launcher, ready: int, timeout: float = 60) -> None:
+        run_until(launcher, lambda: len(self.store.nodes(["ready"])) >= ready, timeout)
+
+
+def run_until(launcher: Launcher, done: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            states = [(n.id, n.state, n.reason) for n in launcher.store.nodes()]
+            raise AssertionError(f"not reached within {timeout} s; nodes: {states}")
+        launcher.reconcile()
+        time.sleep(0.01)
