@@ -36,6 +36,13 @@ class BuildState(StrEnum):
     DELETED = "deleted"
 
 
+class UploadState(StrEnum):
+    UPLOADING = "uploading"
+    READY = "ready"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+
 N = NodeState
 # Single use lives here: only TESTING leads to READY, so a node that has left
 # READY (handed out, held, failed) can never be handed out again.
@@ -69,6 +76,15 @@ BUILD_TRANSITIONS: dict[BuildState, frozenset[BuildState]] = {
     B.DELETED: frozenset(),
 }
 
+U = UploadState
+# A row is removed once the provider confirms the upload deleted.
+UPLOAD_TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
+    U.UPLOADING: frozenset({U.READY, U.FAILED, U.DELETING}),
+    U.READY: frozenset({U.DELETING}),
+    U.FAILED: frozenset({U.DELETING}),
+    U.DELETING: frozenset(),
+}
+
 # States in which a node still occupies provider capacity and is not yet handed out.
 NODE_SUPPLY_STATES = frozenset({N.BUILDING, N.TESTING, N.READY})
 # States the launcher must turn into a delete.
@@ -93,6 +109,10 @@ def check_request(current: RequestState | str, target: RequestState | str) -> No
 
 def check_build(current: BuildState | str, target: BuildState | str) -> None:
     _check("image build", BUILD_TRANSITIONS, BuildState(current), BuildState(target))
+
+
+def check_upload(current: UploadState | str, target: UploadState | str) -> None:
+    _check("image upload", UPLOAD_TRANSITIONS, UploadState(current), UploadState(target))
 
 
 def _check(kind: str, table: dict, current: StrEnum, target: StrEnum) -> None:

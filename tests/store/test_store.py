@@ -107,3 +107,22 @@ def test_fulfil_returns_none_when_not_all_ready(store: Store) -> None:
     assert store.request(request.id).state == RequestState.PENDING
     assert [n.state for n in store.nodes()] == ["ready"]
     assert store.pending_demand() == {"a": 2}
+
+
+def test_migration_from_first_schema_keeps_rows(tmp_path: Path) -> None:
+    from alembic import command
+
+    from freshpool.store import db
+
+    engine = db.make_engine(db.sqlite_url(tmp_path))
+    with engine.begin() as conn:
+        command.upgrade(db._alembic_config(conn), "0001")
+        conn.exec_driver_sql(
+            "INSERT INTO nodes (label, provider, state, hostname, created_at, state_at)"
+            " VALUES ('l', 'p', 'ready', 'h', 1, 1)"
+        )
+    engine.dispose()
+    store = Store.open(tmp_path)  # upgrades to head
+    (node,) = store.nodes()
+    assert (node.label, node.state, node.tenant, node.checked_at) == ("l", "ready", "", None)
+    store.close()

@@ -20,7 +20,13 @@ from freshpool.config import Config, Label, Provider
 from freshpool.drivers.base import Driver, Instance, NodeSpec, Operation, SshAccess, Tags
 from freshpool.drivers.ssh import CommandOperation
 from freshpool.service.retry import DRIVER_RETRY, RetryPolicy
-from freshpool.states import NODE_SUPPLY_STATES, NODE_TO_DELETE_STATES, NodeState, RequestState
+from freshpool.states import (
+    NODE_SUPPLY_STATES,
+    NODE_TO_DELETE_STATES,
+    BuildState,
+    NodeState,
+    RequestState,
+)
 from freshpool.store import NodeRow, StaleState, Store
 
 log = logging.getLogger("freshpool.launcher")
@@ -371,11 +377,7 @@ class Launcher:
                 continue
             build = self.store.serving_build(label.image)
             if build is None:
-                self._warn_once(
-                    f"image:{label.image}",
-                    f"label {label.name}: image {label.image!r} has no ready build;"
-                    f" run `freshpool image build {label.image}`",
-                )
+                self._no_build(label)
                 continue
             for provider in self._providers_by_room(label, used_by_provider):
                 if self._paused_until.get((provider.name, label.name), 0) > time.monotonic():
@@ -391,6 +393,20 @@ class Launcher:
                     missing -= 1
                 if missing <= 0:
                     break
+
+    def _no_build(self, label: Label) -> None:
+        building = [b.id for b in self.store.builds(label.image) if b.state == BuildState.BUILDING]
+        if building:
+            message = (
+                f"label {label.name}: waiting for image {label.image!r}"
+                f" (build {building[0]} in progress)"
+            )
+        else:
+            message = (
+                f"label {label.name}: image {label.image!r} has no ready build;"
+                f" run `freshpool image build {label.image}`"
+            )
+        self._warn_once(f"image:{label.image}:{bool(building)}", message)
 
     def _providers_by_room(self, label: Label, used: Counter[str]) -> list[Provider]:
         mine = [p for p in self.config.providers_for(label.name) if p.name in self.drivers]

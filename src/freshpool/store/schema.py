@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     Float,
     Index,
@@ -12,6 +13,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -43,6 +45,10 @@ nodes = Table(
     Column("ready_at", Float),
     Column("delete_attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", Float, nullable=False, server_default="0"),
+    # The tenant of the request the node was handed to (token scoping, fair share).
+    Column("tenant", String(64), nullable=False, server_default=""),
+    # Last time a health check of a ready node passed.
+    Column("checked_at", Float),
     sqlite_autoincrement=True,
 )
 Index("ix_nodes_state_label", nodes.c.state, nodes.c.label, nodes.c.provider)
@@ -61,6 +67,8 @@ requests = Table(
     Column("created_at", Float, nullable=False),
     Column("state_at", Float, nullable=False),
     Column("deadline", Float),
+    Column("provider", String(64)),
+    Column("fulfilled_at", Float),
     sqlite_autoincrement=True,
 )
 Index("ix_requests_state", requests.c.state, requests.c.created_at)
@@ -76,8 +84,56 @@ image_builds = Table(
     Column("manifest", JSON),
     Column("created_at", Float, nullable=False),
     Column("state_at", Float, nullable=False),
+    # Content digest of the build's top layer, and the hash of the definition it was
+    # built from (a changed definition means a rebuild).
+    Column("digest", String(80), nullable=False, server_default=""),
+    Column("definition_key", String(80), nullable=False, server_default=""),
+    Column("parent_build", String(128)),
+    # Layer directories, top first, as the local driver stacks them.
+    Column("layers", JSON),
+    Column("log_path", Text, nullable=False, server_default=""),
 )
 Index("ix_image_builds_image", image_builds.c.image, image_builds.c.state)
+
+# Per-image operator switches (pause).
+images = Table(
+    "images",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("paused", Boolean, nullable=False, server_default="0"),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Where each build has been uploaded (cloud drivers); the local driver uses layers in place.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("build_id", String(128), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("external_id", String(256)),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("created_at", Float, nullable=False),
+    Column("state_at", Float, nullable=False),
+    UniqueConstraint("build_id", "provider", name="uq_uploads_build_provider"),
+    sqlite_autoincrement=True,
+)
+
+# API bearer tokens: only a hash is stored; each is bound to one tenant.
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(64), nullable=False),
+    Column("digest", String(128), nullable=False, unique=True),
+    Column("description", Text, nullable=False, server_default=""),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Column("revoked", Boolean, nullable=False, server_default="0"),
+    sqlite_autoincrement=True,
+)
 
 # History outlives the node rows, so it holds plain ids, not foreign keys.
 node_events = Table(

@@ -1,0 +1,8 @@
+"""The `freshpool` command: thin; each command calls the service layer and prints."""
+
+from freshpool.cli import config, images, nodes, serve  # noqa: F401 - registers commands
+from freshpool.cli.app import app
+
+
+def main() -> None:
+    app()

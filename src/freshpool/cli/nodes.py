@@ -1,0 +1,174 @@
+"""Commands that take, use and give back nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from freshpool.cli.app import (
+    ConfigOpt,
+    JsonOpt,
+    access_of,
+    app,
+    err,
+    friendly,
+    node_json,
+    opened,
+    out,
+    short_age,
+)
+from freshpool.drivers.ssh import paste_command, ssh_argv
+from freshpool.service import handoff
+from freshpool.store import NodeRow, NotFound
+
+# -------------------------------------------------------------- using nodes
+
+
+@app.command()
+@friendly
+def acquire(
+    label: Annotated[str, typer.Argument(help="The label of node to take.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a ready node.")] = 300.0,
+    as_json: JsonOpt = False,
+    config_path: ConfigOpt = None,
+) -> None:
+    """Take a ready node for one job. It is yours alone; release it when done."""
+    with opened(config_path) as (config, store):
+        (node,) = handoff.acquire(config, store, [label], timeout)
+    if as_json:
+        out.print_json(json.dumps(node_json(node)))
+        return
+    access = access_of(node)
+    out.print(f"node {node.id} ({node.label}) at {access.host}", highlight=False)
+    out.print(paste_command(access), highlight=False, soft_wrap=True)
+    out.print(f"release it with: freshpool release {node.id}", highlight=False)
+
+
+@app.command()
+@friendly
+def release(
+    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+) -> None:
+    """Give back a node after its job: it is deleted, never reused."""
+    with opened(config_path) as (_config, store):
+        node = handoff.release(store, node_id)
+    out.print(f"node {node.id}: {node.state}; it will be deleted", highlight=False)
+
+
+@app.command()
+@friendly
+def hold(
+    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+) -> None:
+    """Keep a node for a person to debug; it is never handed out again."""
+    with opened(config_path) as (_config, store):
+        node = handoff.hold(store, node_id)
+    out.print(f"node {node.id}: held", highlight=False)
+
+
+@app.command()
+@friendly
+def delete(
+    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+) -> None:
+    """Delete a node now, whatever it is doing."""
+    with opened(config_path) as (_config, store):
+        node = handoff.delete(store, node_id)
+    out.print(f"node {node.id}: deleting", highlight=False)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+@friendly
+def run(
+    command: Annotated[list[str], typer.Argument(help="The command to run on the node.")],
+    label: Annotated[str, typer.Option("--label", "-l", help="The label of node to use.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a ready node.")] = 300.0,
+    config_path: ConfigOpt = None,
+) -> None:
+    """Take a node, run COMMAND on it streaming its output, give it back, exit with its status."""
+    with opened(config_path) as (config, store):
+        (node,) = handoff.acquire(config, store, [label], timeout)
+        err.print(f"[dim]node {node.id} ({node.label})[/]", highlight=False)
+        try:
+            status = subprocess.call(ssh_argv(access_of(node), command), stdin=subprocess.DEVNULL)
+        finally:
+            handoff.release(store, node.id, "job finished")
+    raise typer.Exit(status)
+
+
+@app.command()
+@friendly
+def ssh(
+    node_id: Annotated[int, typer.Argument(metavar="NODE")],
+    command: Annotated[list[str] | None, typer.Argument()] = None,
+    config_path: ConfigOpt = None,
+) -> None:
+    """Open a shell on a node (or run COMMAND there)."""
+    with opened(config_path) as (_config, store):
+        node = store.node(node_id)
+    argv = ssh_argv(access_of(node), command or None, tty=not command and sys.stdin.isatty())
+    os.execvp(argv[0], argv)
+
+
+@app.command("list")
+@friendly
+def list_nodes(as_json: JsonOpt = False, config_path: ConfigOpt = None) -> None:
+    """Every node with its state, age in that state and address."""
+    with opened(config_path) as (_config, store):
+        nodes = store.nodes()
+    if as_json:
+        out.print_json(json.dumps([node_json(n) for n in nodes]))
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "LABEL", "PROVIDER", "STATE", "AGE", "ADDRESS", "REQUEST", "REASON"):
+        table.add_column(column)
+    now = time.time()
+    styles = {"ready": "green", "in-use": "cyan", "failed": "red", "hold": "yellow"}
+    for n in nodes:
+        table.add_row(
+            str(n.id),
+            n.label,
+            n.provider,
+            f"[{styles.get(n.state, 'white')}]{n.state}[/]",
+            short_age(now - n.state_at),
+            (n.access or {}).get("host", ""),
+            str(n.request_id or ""),
+            n.reason,
+        )
+    out.print(table)
+    out.print(f"{len(nodes)} nodes", style="dim")
+
+
+@app.command()
+@friendly
+def show(
+    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+) -> None:
+    """One node's details and its history (what happened, when, why)."""
+    with opened(config_path) as (_config, store):
+        events = store.events(node_id)
+        try:
+            node: NodeRow | None = store.node(node_id)
+        except NotFound:
+            node = None
+    if node is None and not events:
+        raise NotFound(f"no node {node_id}")
+    if node is not None:
+        for key, value in node_json(node).items():
+            out.print(f"{key:>12}: {value}", highlight=False)
+    table = Table("WHEN", "FROM", "TO", "WHY", box=None, header_style="bold")
+    for e in events:
+        table.add_row(
+            time.strftime("%H:%M:%S", time.localtime(e.at)) + f".{int(e.at % 1 * 1000):03d}",
+            e.from_state or "",
+            e.to_state or "(removed)",
+            e.reason,
+        )
+    out.print(table)

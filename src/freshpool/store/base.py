@@ -1,0 +1,97 @@
+"""The store's foundation: engine, transactions, cluster id, change watching, errors."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Self
+
+from sqlalchemy import Connection, Engine, insert, select
+
+from freshpool.store import db
+from freshpool.store.schema import meta
+
+
+class StaleState(Exception):
+    """The row was not in the state the caller expected (someone else moved it first)."""
+
+
+class NotFound(LookupError):
+    pass
+
+
+class ChangeWatcher:
+    """Tells cheaply whether another process committed since the last look.
+
+    SQLite's data_version changes on one connection when others commit, so the
+    launcher wakes at once when a CLI releases a node, without re-reading tables.
+    Other backends report "maybe" every time; the caller's interval bounds the cost.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._conn = engine.raw_connection() if engine.dialect.name == "sqlite" else None
+        self._last = self._version()
+
+    def _version(self) -> int:
+        if self._conn is None:
+            return 0
+        cur = self._conn.cursor()
+        cur.execute("PRAGMA data_version")
+        value = int(cur.fetchone()[0])
+        cur.close()
+        return value
+
+    def changed(self) -> bool:
+        if self._conn is None:
+            return True
+        now = self._version()
+        changed, self._last = now != self._last, now
+        return changed
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class StoreBase:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = db.make_engine(url)
+        # Reads take a snapshot without the write lock (see db._tune_sqlite).
+        self._reader = self.engine.execution_options(readonly=True)
+        db.upgrade(self.engine)
+        self.cluster_id = self._cluster_id()
+
+    @classmethod
+    def open(cls, state_dir: Path, url: str | None = None) -> Self:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return cls(url or db.sqlite_url(state_dir))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._reader.connect() as conn:
+            yield conn
+
+    def _cluster_id(self) -> str:
+        with self._write() as conn:
+            found = conn.scalar(select(meta.c.value).where(meta.c.key == "cluster_id"))
+            if found:
+                return found
+            # Short enough to fit in interface and namespace names, random enough
+            # that two state dirs on one host never share it.
+            value = secrets.token_hex(4)
+            conn.execute(insert(meta).values(key="cluster_id", value=value))
+            return value
+
+    def change_watcher(self) -> ChangeWatcher:
+        return ChangeWatcher(self.engine)

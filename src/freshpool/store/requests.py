@@ -1,0 +1,142 @@
+"""Request rows, and the hand-out: one transaction moves ready nodes to a request."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, insert, select, update
+
+from freshpool import states
+from freshpool.states import NodeState, RequestState
+from freshpool.store.base import NotFound, StaleState, StoreBase
+from freshpool.store.nodes import NodeRow, _pick_ready, _transition
+from freshpool.store.schema import requests
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    id: int
+    labels: list[str]
+    requestor: str
+    tenant: str
+    priority: int
+    state: str
+    reason: str
+    created_at: float
+    state_at: float
+    deadline: float | None
+    provider: str | None = None
+    fulfilled_at: float | None = None
+
+
+class RequestQueries(StoreBase):
+    def new_request(
+        self,
+        labels: Sequence[str],
+        requestor: str = "",
+        tenant: str = "",
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> RequestRow:
+        now = time.time()
+        with self._write() as conn:
+            request_id = conn.execute(
+                insert(requests).values(
+                    labels=list(labels),
+                    requestor=requestor,
+                    tenant=tenant,
+                    priority=priority,
+                    state=RequestState.PENDING,
+                    created_at=now,
+                    state_at=now,
+                    deadline=deadline,
+                )
+            ).inserted_primary_key[0]
+            return _request(conn, request_id)
+
+    def request(self, request_id: int) -> RequestRow:
+        with self._read() as conn:
+            row = conn.execute(select(requests).where(requests.c.id == request_id)).first()
+        if row is None:
+            raise NotFound(f"no request {request_id}")
+        return RequestRow(**row._mapping)
+
+    def pending_demand(self) -> Counter[str]:
+        """How many nodes of each label pending requests still wait for."""
+        query = select(requests.c.labels).where(requests.c.state == RequestState.PENDING)
+        demand: Counter[str] = Counter()
+        with self._read() as conn:
+            for (labels,) in conn.execute(query):
+                demand.update(labels)
+        return demand
+
+    def overdue_requests(self, now: float) -> list[RequestRow]:
+        query = select(requests).where(
+            requests.c.state == RequestState.PENDING, requests.c.deadline < now
+        )
+        with self._read() as conn:
+            return [RequestRow(**row._mapping) for row in conn.execute(query)]
+
+    def finish_request(self, request_id: int, to: RequestState, reason: str) -> RequestRow:
+        states.check_request(RequestState.PENDING, to)
+        now = time.time()
+        with self._write() as conn:
+            changed = conn.execute(
+                update(requests)
+                .where(requests.c.id == request_id, requests.c.state == RequestState.PENDING)
+                .values(state=to, reason=reason, state_at=now)
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"request {request_id} is no longer pending")
+            return _request(conn, request_id)
+
+    def fulfil(self, request_id: int, providers: Sequence[str]) -> list[NodeRow] | None:
+        """Hand a pending request one ready node per label, all from one provider, atomically.
+
+        Returns the nodes, or None when no provider has them all ready now. This is the
+        only way a node leaves `ready` for a job, and it is one transaction.
+        """
+        now = time.time()
+        with self._write() as conn:
+            request = _request(conn, request_id)
+            if request.state != RequestState.PENDING:
+                raise StaleState(f"request {request_id} is {request.state}, not pending")
+            for provider in providers:
+                picked = _pick_ready(conn, provider, request.labels)
+                if picked is None:
+                    continue
+                claimed = []
+                for node_id in picked:
+                    claimed.append(
+                        _transition(
+                            conn,
+                            node_id,
+                            NodeState.READY,
+                            NodeState.IN_USE,
+                            f"handed to request {request_id}",
+                            {"request_id": request_id, "tenant": request.tenant},
+                        )
+                    )
+                conn.execute(
+                    update(requests)
+                    .where(requests.c.id == request_id)
+                    .values(
+                        provider=provider,
+                        fulfilled_at=now,
+                        state=RequestState.FULFILLED,
+                        state_at=now,
+                        reason=f"nodes {', '.join(str(n.id) for n in claimed)}",
+                    )
+                )
+                return claimed
+            return None
+
+
+def _request(conn: Connection, request_id: int) -> RequestRow:
+    row = conn.execute(select(requests).where(requests.c.id == request_id)).first()
+    if row is None:
+        raise NotFound(f"no request {request_id}")
+    return RequestRow(**row._mapping)
