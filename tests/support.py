@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from freshpool.store import Store
 # ------------------------------------------------------------------ pools
 
 _subnets = iter(range(1, 250))
+# Test runs in parallel processes must not share a bridge: each process gets its own /16.
+_SECOND_OCTET = 150 + os.getpid() % 60
 
 
 def pool_yaml(
@@ -40,7 +43,7 @@ providers:
     driver: local
     max-nodes: {max_nodes}
     network:
-      subnet: 10.215.{n}.0/24
+      subnet: 10.{_SECOND_OCTET}.{n}.0/24
 labels:
   - name: debian
     image: debian-bookworm

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,13 @@ class Launcher:
         # a broken image must not turn into a tight create-fail-delete loop.
         self._failures: Counter[tuple[str, str]] = Counter()
         self._paused_until: dict[tuple[str, str], float] = {}
+        # Other services that run once per pass in this loop (the request scheduler,
+        # the image keeper...), so one thread and one wake-up drive them all.
+        self._passes: list[Callable[[], None]] = []
+
+    def add_pass(self, work: Callable[[], None]) -> None:
+        """Run `work` once per reconcile pass, after launching; it must not block."""
+        self._passes.append(work)
 
     # ------------------------------------------------------------ the loop
 
@@ -110,6 +118,8 @@ class Launcher:
         self._retire_old_ready()
         self._start_deletes()
         self._launch()
+        for work in self._passes:
+            work()
 
     # ------------------------------------------------------- start and stop
 
