@@ -90,10 +90,23 @@ class NodeSpec:
     # Read-only image layers, top first (the local driver stacks them with overlayfs).
     layers: tuple[Path, ...]
     user: str = "root"
+    # What upload_image returned for this build on this provider (None: layers in place).
+    image_external_id: str | None = None
 
     @property
     def tags(self) -> Tags:
         return Tags(self.cluster, self.node_id, self.build_id)
+
+
+@dataclass(frozen=True)
+class ImageUpload:
+    """An image build to make available on a provider."""
+
+    build_id: str
+    image: str
+    # Read-only layer directories, top first.
+    layers: tuple[Path, ...]
+    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,6 +211,17 @@ class Driver(ABC):
 
     def limits(self) -> Quota:
         return Quota(max_nodes=self.provider.max_nodes)
+
+    def upload_image(self, upload: ImageUpload) -> Operation[str]:
+        """Make a build available here; the result is the provider's id for it.
+
+        The default suits drivers that launch straight from the layers on disk.
+        """
+        return DoneOperation(result=upload.build_id)
+
+    def delete_image(self, external_id: str) -> Operation[None]:
+        """Remove an uploaded build from the provider. Deleting a missing one succeeds."""
+        return DoneOperation()
 
     def external_id_for(self, tags: Tags) -> str | None:
         """The id an instance with these tags has or would have, if the driver can tell."""

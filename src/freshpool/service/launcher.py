@@ -79,6 +79,11 @@ class Launcher:
         # Other services that run once per pass in this loop (the request scheduler,
         # the image keeper...), so one thread and one wake-up drive them all.
         self._passes: list[Callable[[], None]] = []
+        self._woken = threading.Event()
+
+    def wake(self) -> None:
+        """Start the next pass now (thread-safe; e.g. an API request just arrived)."""
+        self._woken.set()
 
     def add_pass(self, work: Callable[[], None]) -> None:
         """Run `work` once per reconcile pass, after launching; it must not block."""
@@ -109,7 +114,9 @@ class Launcher:
             now = time.monotonic()
             if now >= wake or changed():
                 return
-            stop.wait(min(0.02, wake - now))
+            if self._woken.wait(min(0.02, wake - now)):
+                self._woken.clear()
+                return
 
     def reconcile(self) -> None:
         """One pass: advance operations, delete what must go, launch what is missing."""
