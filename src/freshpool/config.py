@@ -50,6 +50,25 @@ class LocalNetwork(_Model):
         return str(net)
 
 
+Rate = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class SimSettings(_Model):
+    """The sim driver's behaviour (ignored by other drivers)."""
+
+    seed: int = 0
+    latency: Annotated[float, Field(ge=0)] = 0.0
+    failure_rate: Fraction = 0.0
+    timeout_rate: Fraction = 0.0
+    lie_rate: Fraction = 0.0
+    leak_on_failure: Fraction = 0.5
+    command_failure_rate: Fraction = 0.0
+    quota: int | None = Field(default=None, ge=0)
+    # Keep instances in <state-dir>/providers/NAME/sim.db so they outlive the launcher.
+    persist: bool = True
+
+
 class Provider(_Model):
     name: Name
     driver: str = "local"
@@ -60,6 +79,12 @@ class Provider(_Model):
     network: LocalNetwork = LocalNetwork()
     boot_timeout: Seconds = 60.0
     delete_timeout: Seconds = 60.0
+    # Driver calls (creates and deletes) started per second, at most.
+    rate: Rate = 50.0
+    # Consecutive failed driver calls that pause the provider, and the first pause.
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: Seconds = 30.0
+    sim: SimSettings = SimSettings()
 
     def serves(self, label: str) -> bool:
         return self.labels is None or label in self.labels
@@ -73,6 +98,12 @@ class Label(_Model):
     ready_command: str = "true"
     test_timeout: Seconds = 30.0
     user: str = "root"
+    # Ready nodes are re-tested this often; a failing one is replaced (0: never).
+    health_interval: Annotated[float, Field(ge=0)] = 300.0
+    # An in-use node whose job runs longer is reclaimed.
+    job_timeout: Seconds = 3 * 3600.0
+    # A held node is deleted after this long.
+    max_hold_age: Seconds = 24 * 3600.0
 
 
 class Image(_Model):
@@ -100,6 +131,10 @@ class Config(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds between reconcile passes when nothing wakes the launcher sooner.
     interval: Seconds = 1.0
+    # Seconds between leak sweeps (listing every provider's instances by our tags).
+    cleanup_interval: Seconds = 60.0
+    # A request with no deadline of its own fails after waiting this long.
+    request_timeout: Seconds = 3600.0
     providers: list[Provider] = Field(min_length=1)
     labels: list[Label] = Field(min_length=1)
     images: list[Image] = Field(min_length=1)

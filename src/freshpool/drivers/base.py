@@ -184,6 +184,20 @@ class DoneOperation(Operation[T]):
         return None
 
 
+class CommandResult(Operation[int]):
+    """A command running on a node: the result is its exit status, `output` its text."""
+
+    output: str = ""
+
+
+class FailedCommand(CommandResult):
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.done = error, True
+
+    def advance(self) -> None:
+        return None
+
+
 class Driver(ABC):
     """One provider's adapter. Create and delete return operations; nothing blocks long."""
 
@@ -211,6 +225,20 @@ class Driver(ABC):
 
     def limits(self) -> Quota:
         return Quota(max_nodes=self.provider.max_nodes)
+
+    def run_command(
+        self, external_id: str, access: SshAccess | None, command: str, timeout: float
+    ) -> CommandResult:
+        """Start `command` on a node without blocking; its result is the exit status.
+
+        The launcher tests and health-checks nodes through this. Drivers whose
+        nodes answer SSH keep the default.
+        """
+        from freshpool.drivers.ssh import CommandOperation
+
+        if access is None:
+            return FailedCommand(DriverError(f"{external_id}: no way to reach the node"))
+        return CommandOperation(access, command, timeout)
 
     def upload_image(self, upload: ImageUpload) -> Operation[str]:
         """Make a build available here; the result is the provider's id for it.

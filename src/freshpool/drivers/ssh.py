@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import Generator, Sequence
 
-from freshpool.drivers.base import SshAccess, StepOperation
+from freshpool.drivers.base import CommandResult, SshAccess, StepOperation
 
 
 def ssh_argv(
@@ -125,7 +125,7 @@ class BannerProbe:
             self._finish(False)
 
 
-class CommandOperation(StepOperation[int]):
+class CommandOperation(StepOperation[int], CommandResult):
     """Run a command on a node over SSH without blocking; the result is its exit status."""
 
     def __init__(self, access: SshAccess, command: str, timeout: float) -> None:

@@ -18,8 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from freshpool.config import Config, Label, Provider
-from freshpool.drivers.base import Driver, Instance, NodeSpec, Operation, SshAccess, Tags
-from freshpool.drivers.ssh import CommandOperation
+from freshpool.drivers.base import (
+    CommandResult,
+    Driver,
+    Instance,
+    NodeSpec,
+    Operation,
+    SshAccess,
+    Tags,
+)
+from freshpool.service import timeouts
+from freshpool.service.cleanup import LeakSweeper
+from freshpool.service.gate import ProviderGate
 from freshpool.service.retry import DRIVER_RETRY, RetryPolicy
 from freshpool.states import (
     NODE_SUPPLY_STATES,
@@ -39,8 +49,10 @@ class InFlight:
     """Operations this process is advancing, by node id."""
 
     creating: dict[int, Operation[Instance]] = field(default_factory=dict)
-    testing: dict[int, CommandOperation] = field(default_factory=dict)
+    testing: dict[int, CommandResult] = field(default_factory=dict)
     deleting: dict[int, Operation[None]] = field(default_factory=dict)
+    # Health checks of ready nodes.
+    checking: dict[int, CommandResult] = field(default_factory=dict)
     # Instances with no row (strays found by tag), by (provider, external id).
     strays: dict[tuple[str, str], Operation[None]] = field(default_factory=dict)
     # (provider, label) of each node being created or tested.
@@ -51,8 +63,12 @@ class InFlight:
             *self.creating.values(),
             *self.testing.values(),
             *self.deleting.values(),
+            *self.checking.values(),
             *self.strays.values(),
         ]
+
+    def busy(self) -> set[int]:
+        return {*self.creating, *self.testing, *self.deleting}
 
     def launches_on(self, provider: str) -> int:
         return sum(1 for p, _ in self.launch_of.values() if p == provider)
@@ -80,6 +96,13 @@ class Launcher:
         # the image keeper...), so one thread and one wake-up drive them all.
         self._passes: list[Callable[[], None]] = []
         self._woken = threading.Event()
+        self.gates = {p.name: ProviderGate(p) for p in config.providers if p.name in drivers}
+        self.sweeper = LeakSweeper()
+        self.leaks_found = 0
+        self._next_sweep = 0.0
+        self._throttled: set[str] = set()
+        self._providers = {p.name: p for p in config.providers}
+        self._labels = {x.name: x for x in config.labels}
 
     def wake(self) -> None:
         """Start the next pass now (thread-safe; e.g. an API request just arrived)."""
@@ -108,6 +131,9 @@ class Launcher:
         pending = self.ops.operations()
         if pending:
             wake = min(wake, max(now, min(op.not_before for op in pending)))
+        if self._throttled:
+            # Demand was left unmet by a rate limit: come back when a call is allowed.
+            wake = min(wake, now + min(self.gates[p].next_token_in() for p in self._throttled))
         # Poll the store's change counter (one cheap pragma) so a release or a new
         # request from another process is acted on within milliseconds.
         while not stop.is_set():
@@ -122,9 +148,11 @@ class Launcher:
         """One pass: advance operations, delete what must go, launch what is missing."""
         self._advance()
         self._expire_requests()
-        self._retire_old_ready()
+        self._enforce_timeouts()
+        self._sweep_leaks()
         self._start_deletes()
         self._launch()
+        self._health_checks()
         for work in self._passes:
             work()
 
@@ -191,6 +219,12 @@ class Launcher:
             if test.done:
                 del self.ops.testing[node_id]
                 self._tested(node_id, test)
+        for node_id, check in list(self.ops.checking.items()):
+            if now >= check.not_before:
+                check.advance()
+            if check.done:
+                del self.ops.checking[node_id]
+                self._checked(node_id, check)
         for node_id, op in list(self.ops.deleting.items()):
             if now >= op.not_before:
                 op.advance()
@@ -227,10 +261,15 @@ class Launcher:
         )
 
     def _created(self, node_id: int, op: Operation[Instance], shutting_down: bool) -> None:
+        gate = self.gates.get(self.ops.launch_of.get(node_id, ("", ""))[0])
         if op.error is not None:
+            if gate is not None:
+                gate.failure(str(op.error))
             self._launch_outcome(node_id, ok=False)
             self._fail_id(node_id, N.BUILDING, f"launch failed: {op.error}")
             return
+        if gate is not None:
+            gate.success()
         instance = op.result
         assert instance is not None
         values = {
@@ -250,15 +289,15 @@ class Launcher:
             self.store.set_instance(node_id, **values)
             return
         label = self.config.label(row.label)
-        access = SshAccess(**values["access"]) if values["access"] else None
-        if access is None:
-            self._fail_id(node_id, N.TESTING, "driver returned no way to reach the node")
-            return
-        test = CommandOperation(access, label.ready_command, label.test_timeout)
+        access = instance.access
+        driver = self.drivers[row.provider]
+        test = driver.run_command(
+            instance.external_id, access, label.ready_command, label.test_timeout
+        )
         test.advance()
         self.ops.testing[node_id] = test
 
-    def _tested(self, node_id: int, test: CommandOperation) -> None:
+    def _tested(self, node_id: int, test: CommandResult) -> None:
         self._launch_outcome(node_id, ok=test.error is None and test.result == 0)
         if test.error is None and test.result == 0:
             try:
@@ -278,6 +317,12 @@ class Launcher:
         self._fail_id(node_id, N.TESTING, why)
 
     def _deleted(self, node_id: int, op: Operation[None]) -> None:
+        gate = self.gates.get(self._provider_of(node_id) or "")
+        if gate is not None:
+            if op.error is None:
+                gate.success()
+            else:
+                gate.failure(str(op.error))
         if op.error is None:
             try:
                 self.store.remove_node(node_id, "instance confirmed gone")
@@ -343,6 +388,9 @@ class Launcher:
                 # Never created at the provider: nothing to delete.
                 self.store.remove_node(row.id, "no instance was ever created")
                 continue
+            if not self.gates[row.provider].take():
+                self._throttled.add(row.provider)
+                continue
             op = driver.delete(external_id)
             op.advance()
             self.ops.deleting[row.id] = op
@@ -354,23 +402,105 @@ class Launcher:
                 return instance.external_id
         return None
 
-    def _retire_old_ready(self) -> None:
+    def _enforce_timeouts(self) -> None:
+        """Move on every node that stayed too long in its state (see service/timeouts.py)."""
+        now = time.time()
+        for row in self.store.nodes(states_in=timeouts.TIMED_STATES):
+            provider = self._providers.get(row.provider)
+            label = self._labels.get(row.label)
+            if provider is None or label is None:
+                continue
+            due = timeouts.overdue(N(row.state), now - row.state_at, label, provider)
+            if due is None:
+                continue
+            # Give up on an operation that never finished; the delete cleans up after it.
+            self.ops.creating.pop(row.id, None)
+            self.ops.testing.pop(row.id, None)
+            self.ops.checking.pop(row.id, None)
+            if row.id in self.ops.launch_of:
+                self._launch_outcome(row.id, ok=False)
+            with contextlib.suppress(StaleState):
+                self.store.transition(row.id, N(row.state), due.target, due.reason)
+                log.warning("node %s: %s", row.id, due.reason)
+
+    def _health_checks(self) -> None:
+        """Re-test ready nodes now and then; a failing one is replaced before a job gets it."""
         now = time.time()
         for label in self.config.labels:
-            if label.max_ready_age is None:
+            if label.health_interval <= 0:
                 continue
             for row in self.store.nodes(states_in=[N.READY], label=label.name):
-                if row.ready_at is not None and now - row.ready_at > label.max_ready_age:
-                    with contextlib.suppress(StaleState):
-                        self.store.transition(
-                            row.id,
-                            N.READY,
-                            N.DELETING,
-                            f"ready longer than max-ready-age ({label.max_ready_age:g} s)",
-                        )
+                last = row.checked_at or row.ready_at or row.state_at
+                if row.id in self.ops.checking or now - last < label.health_interval:
+                    continue
+                driver = self.drivers.get(row.provider)
+                if driver is None or row.external_id is None:
+                    continue
+                access = SshAccess(**row.access) if row.access else None
+                check = driver.run_command(
+                    row.external_id, access, label.ready_command, label.test_timeout
+                )
+                check.advance()
+                self.ops.checking[row.id] = check
+
+    def _checked(self, node_id: int, check: CommandResult) -> None:
+        if check.error is None and check.result == 0:
+            self.store.mark_checked(node_id)
+            return
+        why = (
+            f"health check failed: {check.error}"
+            if check.error is not None
+            else f"health check: ready command exited {check.result}"
+        )
+        with contextlib.suppress(StaleState):  # handed out meanwhile: its job decides
+            self.store.transition(node_id, N.READY, N.FAILED, why)
+            log.warning("node %s: %s", node_id, why)
+
+    def _sweep_leaks(self, force: bool = False) -> None:
+        """Every cleanup-interval: delete leaked instances, replace vanished nodes."""
+        now = time.monotonic()
+        if not force and now < self._next_sweep:
+            return
+        self._next_sweep = now + self.config.cleanup_interval
+        busy = self.ops.busy()
+        for name, driver in self.drivers.items():
+            try:
+                instances = driver.list_instances()
+            except Exception as exc:  # a listing failure must not stop the loop
+                log.warning("provider %s: listing instances failed: %s", name, exc)
+                self.gates[name].failure(f"list: {exc}")
+                continue
+            rows = self.store.nodes(provider=name)
+            result = self.sweeper.sweep(name, instances, rows, busy)
+            for instance in result.leaked:
+                key = (name, instance.external_id)
+                if key in self.ops.strays:
+                    continue
+                log.warning(
+                    "provider %s: leaked instance %s (no node row, seen twice): deleting",
+                    name,
+                    instance.external_id,
+                )
+                self.leaks_found += 1
+                self.ops.strays[key] = driver.delete(instance.external_id)
+            for row in result.vanished:
+                with contextlib.suppress(StaleState):
+                    self.store.transition(
+                        row.id, N(row.state), N.FAILED, "instance vanished at the provider"
+                    )
+                    log.warning("node %s: instance vanished; replacing it", row.id)
+            for row in result.gone:
+                with contextlib.suppress(StaleState):
+                    self.store.remove_node(row.id, "instance no longer listed by the provider")
+
+    def _provider_of(self, node_id: int) -> str | None:
+        try:
+            return self.store.node(node_id).provider
+        except LookupError:
+            return None
 
     def _expire_requests(self) -> None:
-        for request in self.store.overdue_requests(time.time()):
+        for request in self.store.overdue_requests(time.time(), self.config.request_timeout):
             with contextlib.suppress(StaleState):
                 self.store.finish_request(
                     request.id, RequestState.FAILED, "deadline passed before nodes were ready"
@@ -379,6 +509,7 @@ class Launcher:
     # ------------------------------------------------------------ launching
 
     def _launch(self) -> None:
+        self._throttled.clear()
         counts = self.store.node_counts()
         demand = self.store.pending_demand()
         used_by_provider: Counter[str] = Counter()
@@ -399,12 +530,16 @@ class Launcher:
             for provider in self._providers_by_room(label, used_by_provider):
                 if self._paused_until.get((provider.name, label.name), 0) > time.monotonic():
                     continue
+                gate = self.gates[provider.name]
                 room = min(
                     provider.max_nodes - used_by_provider[provider.name],
                     provider.max_parallel_launches - self.ops.launches_on(provider.name),
                     missing,
                 )
                 for _ in range(max(0, room)):
+                    if not gate.take():
+                        self._throttled.add(provider.name)
+                        break
                     self._start_launch(provider, label, build.id, Path(build.path))
                     used_by_provider[provider.name] += 1
                     missing -= 1
@@ -426,7 +561,12 @@ class Launcher:
         self._warn_once(f"image:{label.image}:{bool(building)}", message)
 
     def _providers_by_room(self, label: Label, used: Counter[str]) -> list[Provider]:
-        mine = [p for p in self.config.providers_for(label.name) if p.name in self.drivers]
+        # A provider whose breaker is open gets no launches; its demand goes elsewhere.
+        mine = [
+            p
+            for p in self.config.providers_for(label.name)
+            if p.name in self.drivers and not self.gates[p.name].is_open()
+        ]
         return sorted(mine, key=lambda p: used[p.name] - p.max_nodes)
 
     def _start_launch(

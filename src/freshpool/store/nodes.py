@@ -128,6 +128,15 @@ class NodeQueries(StoreBase):
                 .values(external_id=external_id, access=access)
             )
 
+    def mark_checked(self, node_id: int) -> None:
+        """A health check of a ready node passed."""
+        with self._write() as conn:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id, nodes.c.state == NodeState.READY)
+                .values(checked_at=time.time())
+            )
+
     def record_delete_failure(self, node_id: int, error: str, retry_at: float) -> None:
         with self._write() as conn:
             conn.execute(

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, and_, insert, or_, select, update
 
 from freshpool import states
 from freshpool.states import NodeState, RequestState
@@ -73,10 +73,14 @@ class RequestQueries(StoreBase):
                 demand.update(labels)
         return demand
 
-    def overdue_requests(self, now: float) -> list[RequestRow]:
-        query = select(requests).where(
-            requests.c.state == RequestState.PENDING, requests.c.deadline < now
-        )
+    def overdue_requests(self, now: float, max_wait: float | None = None) -> list[RequestRow]:
+        """Pending requests past their deadline, or waiting longer than `max_wait`."""
+        late = requests.c.deadline < now
+        if max_wait is not None:
+            late = or_(
+                late, and_(requests.c.deadline.is_(None), requests.c.created_at < now - max_wait)
+            )
+        query = select(requests).where(requests.c.state == RequestState.PENDING, late)
         with self._read() as conn:
             return [RequestRow(**row._mapping) for row in conn.execute(query)]
 

@@ -1,0 +1,52 @@
+"""The timeout of every node state, and where an overdue node goes: the one table.
+
+The driver bounds a create by `boot-timeout` and a test by `test-timeout`; the
+launcher's own limits for `building` and `testing` are looser backstops for a
+driver or command that never returns. `deleting` has no timeout here: a delete is
+retried with backoff, and leak cleanup confirms by listing when it is gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from freshpool.config import Label, Provider
+from freshpool.states import NodeState
+
+N = NodeState
+# Slack over the driver's own limits before the launcher gives up on an operation.
+BACKSTOP = 2.0
+
+
+@dataclass(frozen=True)
+class Overdue:
+    target: NodeState
+    reason: str
+
+
+def limit(state: NodeState, label: Label, provider: Provider) -> float | None:
+    """Seconds a node may stay in `state`, or None for no limit."""
+    return {
+        N.BUILDING: provider.boot_timeout * BACKSTOP,
+        N.TESTING: label.test_timeout * BACKSTOP + provider.boot_timeout,
+        N.READY: label.max_ready_age,
+        N.IN_USE: label.job_timeout,
+        N.HOLD: label.max_hold_age,
+    }.get(state)
+
+
+def overdue(state: NodeState, seconds_in_state: float, label: Label,
+            provider: Provider) -> Overdue | None:
+    allowed = limit(state, label, provider)
+    if allowed is None or seconds_in_state <= allowed:
+        return None
+    if state in (N.BUILDING, N.TESTING):
+        return Overdue(N.FAILED, f"{state} for longer than {allowed:g} s")
+    if state == N.IN_USE:
+        return Overdue(N.FAILED, f"job timeout: in use for longer than {allowed:g} s")
+    if state == N.READY:
+        return Overdue(N.DELETING, f"ready longer than max-ready-age ({allowed:g} s)")
+    return Overdue(N.DELETING, f"held longer than max-hold-age ({allowed:g} s)")
+
+
+TIMED_STATES = (N.BUILDING, N.TESTING, N.READY, N.IN_USE, N.HOLD)
