@@ -7,6 +7,7 @@ import os
 import socket
 import time
 
+from freshpool import crashpoints
 from freshpool.config import Config
 from freshpool.states import NodeState, RequestState
 from freshpool.store import NodeRow, StaleState, Store
@@ -47,6 +48,7 @@ def acquire(
             except StaleState:
                 raise AcquireTimeout(_why_not(store, request.id, labels, timeout)) from None
             if got is not None:
+                crashpoints.point("handoff")
                 return got
             if time.time() >= deadline:
                 try:

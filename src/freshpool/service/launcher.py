@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freshpool import crashpoints
 from freshpool.config import Config, Label, Provider
 from freshpool.drivers.base import (
     CommandResult,
@@ -282,6 +283,7 @@ class Launcher:
             )
             return
         try:
+            crashpoints.point("created")
             row = self.store.transition(node_id, N.BUILDING, N.TESTING, "instance up", **values)
         except StaleState:
             # Someone deleted it while it was being created; the deleter takes it from here.
@@ -300,6 +302,7 @@ class Launcher:
     def _tested(self, node_id: int, test: CommandResult) -> None:
         self._launch_outcome(node_id, ok=test.error is None and test.result == 0)
         if test.error is None and test.result == 0:
+            crashpoints.point("tested")
             try:
                 self.store.transition(node_id, N.TESTING, N.READY, "ready command passed")
                 log.info("node %s: ready", node_id)
@@ -324,6 +327,7 @@ class Launcher:
             else:
                 gate.failure(str(op.error))
         if op.error is None:
+            crashpoints.point("deleted")
             try:
                 self.store.remove_node(node_id, "instance confirmed gone")
                 log.info("node %s: deleted", node_id)
@@ -393,6 +397,7 @@ class Launcher:
                 continue
             op = driver.delete(external_id)
             op.advance()
+            crashpoints.point("delete")
             self.ops.deleting[row.id] = op
 
     @staticmethod
@@ -573,6 +578,7 @@ class Launcher:
         self, provider: Provider, label: Label, build_id: str, build_path: Path
     ) -> None:
         row = self.store.new_node(label.name, provider.name, build_id, label.name)
+        crashpoints.point("launch")
         spec = NodeSpec(
             node_id=row.id,
             cluster=self.store.cluster_id,
