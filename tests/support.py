@@ -15,7 +15,7 @@ from typing import Any
 from freshpool.config import Config
 from freshpool.drivers.base import load_driver
 from freshpool.service.launcher import Launcher
-from freshpool.states import BuildState
+from freshpool.states import BuildState, UploadState
 from freshpool.store import Store
 
 # ------------------------------------------------------------------ pools
@@ -32,9 +32,18 @@ def pool_yaml(
     max_nodes: int = 10,
     ready_command: str = "true",
     extra_label: str = "",
+    extra: str = "",
+    images: str = "  - name: debian-bookworm",
 ) -> str:
-    """A config for a real local pool in its own state dir and its own /24."""
+    """A config for a real local pool in its own state dir and its own /24.
+
+    `extra` is more top-level YAML. The API listens on a free port unless `extra`
+    has an api: section (`freshpool serve` writes the URL to <state-dir>/api.url).
+    `images` replaces the entries of the images section (YAML indented by two).
+    """
     n = next(_subnets)
+    if not extra.lstrip().startswith("api:") and "\napi:" not in extra:
+        extra = "api:\n  port: 0\n" + extra
     return f"""
 state-dir: {state_dir}
 interval: 0.2
@@ -51,7 +60,8 @@ labels:
     ready-command: {json.dumps(ready_command)}
 {extra_label}
 images:
-  - name: debian-bookworm
+{images}
+{extra}
 """
 
 
@@ -61,6 +71,11 @@ def register_test_image(store: Store, build_dir: Path) -> None:
     build = store.new_build("debian-bookworm-test", "debian-bookworm", str(build_dir))
     store.build_transition(
         build.id, BuildState.BUILDING, BuildState.READY, "prebuilt", manifest=manifest
+    )
+    # Its layers are used in place, as the local driver's default upload would say.
+    upload = store.new_upload(build.id, "local")
+    store.upload_transition(
+        upload.id, UploadState.UPLOADING, UploadState.READY, "prebuilt", external_id=build.id
     )
 
 

@@ -13,7 +13,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -69,6 +76,34 @@ class SimSettings(_Model):
     persist: bool = True
 
 
+class VmSize(_Model):
+    """A VM's size on a qemu provider."""
+
+    vcpus: int = Field(default=1, ge=1, le=256)
+    # MiB of guest RAM.
+    memory: int = Field(default=1024, ge=128)
+
+
+class QemuSettings(_Model):
+    """The qemu driver's settings (ignored by other drivers)."""
+
+    # auto: KVM when a probe boot shows it works for the guest kernel, else TCG.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # All VMs together (guest RAM plus QEMU's own) get at most this share of host RAM.
+    memory_share: float = Field(default=0.75, gt=0, le=1)
+    # GiB: the size of each VM's root file system (thin: only what is written counts).
+    disk_size: int = Field(default=8, ge=1)
+    # Seconds a VM gets to shut down after an ACPI power button press before it is killed.
+    powerdown_timeout: Seconds = 10.0
+    # The size of every label's VMs, unless `sizes` names the label.
+    vcpus: int = Field(default=1, ge=1, le=256)
+    memory: int = Field(default=1024, ge=128)
+    sizes: dict[str, VmSize] = {}
+
+    def size_of(self, label: str) -> VmSize:
+        return self.sizes.get(label) or VmSize(vcpus=self.vcpus, memory=self.memory)
+
+
 class Provider(_Model):
     name: Name
     driver: str = "local"
@@ -85,6 +120,7 @@ class Provider(_Model):
     breaker_threshold: int = Field(default=5, ge=1)
     breaker_cooldown: Seconds = 30.0
     sim: SimSettings = SimSettings()
+    qemu: QemuSettings = QemuSettings()
 
     def serves(self, label: str) -> bool:
         return self.labels is None or label in self.labels
@@ -106,6 +142,60 @@ class Label(_Model):
     max_hold_age: Seconds = 24 * 3600.0
 
 
+ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*"
+# The fields that define a debootstrap base; an image with a parent takes its base from it.
+BASE_FIELDS = ("suite", "mirror", "variant", "packages")
+
+
+def _env_names(env: dict[str, str]) -> dict[str, str]:
+    for name in env:
+        if not re.fullmatch(ENV_NAME_PATTERN, name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    return env
+
+
+class ImageFile(_Model):
+    """A file (or directory tree) copied into an image before its steps run."""
+
+    dest: str
+    # An absolute path on the build host, or the file's text inline.
+    source: Path | None = None
+    content: str | None = None
+    # Octal, as a string ("0644"); default: the source's mode, or 0644 for content.
+    mode: str | None = Field(default=None, pattern=r"^[0-7]{3,4}$")
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, value: str) -> str:
+        if not value.startswith("/") or value == "/" or ".." in value.split("/"):
+            raise ValueError(f"{value!r} is not an absolute path below / without '..'")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"{str(value)!r} is not an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageFile:
+        if (self.source is None) == (self.content is None):
+            raise ValueError("give exactly one of `source` (a host path) or `content` (text)")
+        return self
+
+
+class Step(_Model):
+    """One setup step: a shell script run as root (`sh -e`) in a build node with network."""
+
+    run: str = Field(min_length=1)
+    name: str | None = None
+    env: dict[str, str] = {}
+    timeout: Seconds = 3600.0
+
+    _env = field_validator("env")(_env_names)
+
+
 class Image(_Model):
     name: Name
     suite: str = "bookworm"
@@ -116,6 +206,22 @@ class Image(_Model):
     packages: list[str] = []
     # Downloaded only: jobs install these offline with `apt-get install --no-download`.
     prefetch: list[str] = []
+    # Build on the newest ready build of this image instead of a debootstrap base.
+    parent: Name | None = None
+    # Environment for every step (a step's own `env` adds to it).
+    env: dict[str, str] = {}
+    files: list[ImageFile] = []
+    # Run in order; each becomes one cached layer. A plain string is a step's `run`.
+    steps: list[Step] = []
+    # `pip download` requirement specifiers, saved to /var/cache/freshpool/wheels.
+    prefetch_wheels: list[str] = []
+    # `serve` rebuilds an image whose newest good build is older than this (none: never).
+    rebuild_age: Seconds | None = 86400.0
+    # Good builds kept for rollback; older ones are deleted once no node uses them.
+    keep: int = Field(default=2, ge=1)
+    # Commands run over SSH on a fresh node of a new build; all must exit 0 before it serves.
+    validate_commands: list[str] = Field(default=[], alias="validate")
+    validate_timeout: Seconds = 300.0
 
     @field_validator("packages", "prefetch")
     @classmethod
@@ -125,9 +231,67 @@ class Image(_Model):
                 raise ValueError(f"{value!r} is not a Debian package name")
         return values
 
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _plain_steps(cls, values: Any) -> Any:
+        if isinstance(values, list):
+            return [{"run": v} if isinstance(v, str) else v for v in values]
+        return values
+
+    @field_validator("prefetch_wheels")
+    @classmethod
+    def _requirements(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value.strip() or "\n" in value or value.startswith("-"):
+                raise ValueError(f"{value!r} is not a requirement like 'requests==2.32.3'")
+        return values
+
+    _env = field_validator("env")(_env_names)
+
+    @model_validator(mode="after")
+    def _one_base(self) -> Image:
+        if self.parent is not None:
+            given = [f for f in BASE_FIELDS if f in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"image {self.name!r} has a parent, which is its base: remove "
+                    + ", ".join(given)
+                )
+        return self
+
+
+class Api(_Model):
+    """The HTTP API and dashboard that `freshpool serve` runs in the same process."""
+
+    enabled: bool = True
+    # Loopback only unless the operator says otherwise; port 0 picks a free one.
+    listen: str = "127.0.0.1"
+    port: int = Field(default=8005, ge=0, le=65535)
+    # Read-only status (GET endpoints, the dashboard) without a token.
+    open_status: bool = True
+    # Tokens of these tenants may see and act on every tenant's requests and nodes.
+    admin_tenants: list[Name] = []
+
+
+class Tenant(_Model):
+    name: Name
+    # Share of the pool relative to other tenants when requests wait at one priority.
+    weight: Annotated[float, Field(gt=0)] = 1.0
+
+
+class Statsd(_Model):
+    """Where to send the metrics as statsd too (besides Prometheus /metrics)."""
+
+    host: str
+    port: int = Field(default=8125, ge=1, le=65535)
+    prefix: str = "freshpool"
+
 
 class Config(_Model):
     state_dir: Path = Path("/var/lib/freshpool")
+    # SQLAlchemy URL of the store; default: SQLite in state-dir. For PostgreSQL:
+    # postgresql+psycopg://user@host/db (pip install 'freshpool[postgres]').
+    database_url: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds between reconcile passes when nothing wakes the launcher sooner.
     interval: Seconds = 1.0
@@ -138,11 +302,15 @@ class Config(_Model):
     providers: list[Provider] = Field(min_length=1)
     labels: list[Label] = Field(min_length=1)
     images: list[Image] = Field(min_length=1)
+    api: Api = Api()
+    # Fair-share weights; a tenant not listed has weight 1.
+    tenants: list[Tenant] = []
+    statsd: Statsd | None = None
 
     def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems between sections (names used twice, references to nothing), with key paths."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        for section in ("providers", "labels", "images"):
+        for section in ("providers", "labels", "images", "tenants"):
             seen: set[str] = set()
             for i, item in enumerate(getattr(self, section)):
                 if item.name in seen:
@@ -162,6 +330,10 @@ class Config(_Model):
             for j, name in enumerate(provider.labels or []):
                 if name not in labels:
                     problems.append((("providers", i, "labels", j), f"no label named {name!r}"))
+            for name in provider.qemu.sizes:
+                if name not in labels:
+                    problems.append((("providers", i, "qemu", "sizes"), f"no label named {name!r}"))
+        problems += _image_parent_problems(self.images)
         return problems
 
     def label(self, name: str) -> Label:
@@ -178,6 +350,31 @@ class Config(_Model):
 
     def providers_for(self, label: str) -> list[Provider]:
         return [p for p in self.providers if p.serves(label)]
+
+
+def _image_parent_problems(images: list[Image]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Parents that do not exist, and chains of parents that loop."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    parents = {i.name: i.parent for i in images}
+    for i, image in enumerate(images):
+        if image.parent is None:
+            continue
+        if image.parent not in parents:
+            known = ", ".join(sorted(parents))
+            problems.append(
+                (("images", i, "parent"), f"no image named {image.parent!r} (known: {known})")
+            )
+            continue
+        chain = [image.name]
+        parent: str | None = image.parent
+        while parent is not None and parent not in chain:
+            chain.append(parent)
+            parent = parents.get(parent)
+        if parent is not None:
+            problems.append(
+                (("images", i, "parent"), f"parents loop: {' -> '.join([*chain, parent])}")
+            )
+    return problems
 
 
 class UnknownName(LookupError):

@@ -61,7 +61,8 @@ NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
 R = RequestState
 REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     R.PENDING: frozenset({R.FULFILLED, R.FAILED, R.CANCELLED}),
-    R.FULFILLED: frozenset(),
+    # Cancelling a fulfilled request deletes its nodes (they never return to ready).
+    R.FULFILLED: frozenset({R.CANCELLED}),
     R.FAILED: frozenset(),
     R.CANCELLED: frozenset(),
 }

@@ -34,7 +34,8 @@ from freshpool.drivers.base import (
     Tags,
     load_driver,
 )
-from freshpool.drivers.local import MARK_CLUSTER, MARK_NODE, LocalDriver
+from freshpool.drivers.local import LocalDriver
+from freshpool.drivers.noderuntime import MARK_CLUSTER, MARK_NODE
 
 SUBNET = "10.214.77.0/24"
 BRIDGE = "fp-test-local"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,25 @@ from sqlalchemy import inspect
 
 from freshpool.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
+from tests.store.pg import TempPostgres
 
 N = NodeState
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store.open(tmp_path)
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[TempPostgres]:
+    server = TempPostgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Every store test runs on the embedded SQLite and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        s = Store.open(tmp_path)
+    else:
+        s = Store(request.getfixturevalue("postgres").new_database())
     yield s
     s.close()
 
@@ -126,3 +139,22 @@ def test_migration_from_first_schema_keeps_rows(tmp_path: Path) -> None:
     (node,) = store.nodes()
     assert (node.label, node.state, node.tenant, node.checked_at) == ("l", "ready", "", None)
     store.close()
+
+
+def test_concurrent_claims_never_share_a_node(store: Store) -> None:
+    """Many threads hand out a pool of 20 at once: each node goes to exactly one request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(20):
+        ready_node(store)
+
+    def claim(_: int) -> list[int]:
+        request = store.new_request(["l"])
+        got = store.fulfil(request.id, ["p"])
+        return [n.id for n in got or []]
+
+    with ThreadPoolExecutor(max_workers=40) as workers:
+        results = list(workers.map(claim, range(40)))
+    won = [ids[0] for ids in results if ids]
+    assert len(won) == 20 and len(set(won)) == 20
+    assert store.nodes(["ready"]) == []

@@ -22,7 +22,9 @@ from freshpool.store import NodeRow, NotFound, StaleState, Store
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="A warm pool of single-use CI nodes."
 )
-image_app = typer.Typer(no_args_is_help=True, help="Build and list images.")
+image_app = typer.Typer(
+    no_args_is_help=True, help="Build, list, validate, roll back and delete image builds."
+)
 config_app = typer.Typer(no_args_is_help=True, help="Check and print configuration.")
 app.add_typer(image_app, name="image")
 app.add_typer(config_app, name="config")
@@ -98,7 +100,7 @@ def _fail(message: str, code: int) -> None:
 @contextmanager
 def opened(config_path: Path | None) -> Iterator[tuple[Config, Store]]:
     config = load(config_path)
-    store = Store.open(config.state_dir)
+    store = Store.open(config.state_dir, config.database_url)
     try:
         yield config, store
     finally:

@@ -20,12 +20,12 @@ from freshpool.cli.app import (
     err,
     friendly,
     node_json,
-    opened,
     out,
     short_age,
 )
+from freshpool.cli.backend import UrlOpt, backend
+from freshpool.cli.vm import vm_accel
 from freshpool.drivers.ssh import paste_command, ssh_argv
-from freshpool.service import handoff
 from freshpool.store import NodeRow, NotFound
 
 # -------------------------------------------------------------- using nodes
@@ -38,10 +38,11 @@ def acquire(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a ready node.")] = 300.0,
     as_json: JsonOpt = False,
     config_path: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Take a ready node for one job. It is yours alone; release it when done."""
-    with opened(config_path) as (config, store):
-        (node,) = handoff.acquire(config, store, [label], timeout)
+    with backend(config_path, url) as pool:
+        (node,) = pool.acquire([label], timeout)
     if as_json:
         out.print_json(json.dumps(node_json(node)))
         return
@@ -54,33 +55,40 @@ def acquire(
 @app.command()
 @friendly
 def release(
-    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+    node_id: Annotated[int, typer.Argument(metavar="NODE")],
+    config_path: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
-    """Give back a node after its job: it is deleted, never reused."""
-    with opened(config_path) as (_config, store):
-        node = handoff.release(store, node_id)
-    out.print(f"node {node.id}: {node.state}; it will be deleted", highlight=False)
+    """Give back a node after its job (with the rest of its set): deleted, never reused."""
+    with backend(config_path, url) as pool:
+        nodes = pool.release(node_id, "released")
+    for node in nodes:
+        out.print(f"node {node.id}: {node.state}; it will be deleted", highlight=False)
 
 
 @app.command()
 @friendly
 def hold(
-    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+    node_id: Annotated[int, typer.Argument(metavar="NODE")],
+    config_path: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Keep a node for a person to debug; it is never handed out again."""
-    with opened(config_path) as (_config, store):
-        node = handoff.hold(store, node_id)
+    with backend(config_path, url) as pool:
+        node = pool.hold(node_id)
     out.print(f"node {node.id}: held", highlight=False)
 
 
 @app.command()
 @friendly
 def delete(
-    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+    node_id: Annotated[int, typer.Argument(metavar="NODE")],
+    config_path: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Delete a node now, whatever it is doing."""
-    with opened(config_path) as (_config, store):
-        node = handoff.delete(store, node_id)
+    with backend(config_path, url) as pool:
+        node = pool.delete(node_id)
     out.print(f"node {node.id}: deleting", highlight=False)
 
 
@@ -91,15 +99,16 @@ def run(
     label: Annotated[str, typer.Option("--label", "-l", help="The label of node to use.")],
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a ready node.")] = 300.0,
     config_path: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Take a node, run COMMAND on it streaming its output, give it back, exit with its status."""
-    with opened(config_path) as (config, store):
-        (node,) = handoff.acquire(config, store, [label], timeout)
+    with backend(config_path, url) as pool:
+        (node,) = pool.acquire([label], timeout)
         err.print(f"[dim]node {node.id} ({node.label})[/]", highlight=False)
         try:
             status = subprocess.call(ssh_argv(access_of(node), command), stdin=subprocess.DEVNULL)
         finally:
-            handoff.release(store, node.id, "job finished")
+            pool.release(node.id, "job finished")
     raise typer.Exit(status)
 
 
@@ -109,22 +118,25 @@ def ssh(
     node_id: Annotated[int, typer.Argument(metavar="NODE")],
     command: Annotated[list[str] | None, typer.Argument()] = None,
     config_path: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Open a shell on a node (or run COMMAND there)."""
-    with opened(config_path) as (_config, store):
-        node = store.node(node_id)
+    with backend(config_path, url) as pool:
+        node = pool.node(node_id)
     argv = ssh_argv(access_of(node), command or None, tty=not command and sys.stdin.isatty())
     os.execvp(argv[0], argv)
 
 
 @app.command("list")
 @friendly
-def list_nodes(as_json: JsonOpt = False, config_path: ConfigOpt = None) -> None:
+def list_nodes(as_json: JsonOpt = False, config_path: ConfigOpt = None, url: UrlOpt = None) -> None:
     """Every node with its state, age in that state and address."""
-    with opened(config_path) as (_config, store):
-        nodes = store.nodes()
+    with backend(config_path, url) as pool:
+        nodes = pool.nodes()
+        accel = vm_accel(pool, nodes)
     if as_json:
-        out.print_json(json.dumps([node_json(n) for n in nodes]))
+        extra = {n.id: {"accel": accel[n.id]} if n.id in accel else {} for n in nodes}
+        out.print_json(json.dumps([{**node_json(n), **extra[n.id]} for n in nodes]))
         return
     table = Table(box=None, header_style="bold")
     for column in ("ID", "LABEL", "PROVIDER", "STATE", "AGE", "ADDRESS", "REQUEST", "REASON"):
@@ -135,10 +147,10 @@ def list_nodes(as_json: JsonOpt = False, config_path: ConfigOpt = None) -> None:
         table.add_row(
             str(n.id),
             n.label,
-            n.provider,
+            f"{n.provider} ({accel[n.id]})" if n.id in accel else n.provider,
             f"[{styles.get(n.state, 'white')}]{n.state}[/]",
             short_age(now - n.state_at),
-            (n.access or {}).get("host", ""),
+            _address(n.access or {}),
             str(n.request_id or ""),
             n.reason,
         )
@@ -146,16 +158,24 @@ def list_nodes(as_json: JsonOpt = False, config_path: ConfigOpt = None) -> None:
     out.print(f"{len(nodes)} nodes", style="dim")
 
 
+def _address(access: dict) -> str:
+    # VM nodes share 127.0.0.1 and differ by their forwarded port.
+    port = access.get("port", 22)
+    return access.get("host", "") + (f":{port}" if port != 22 else "")
+
+
 @app.command()
 @friendly
 def show(
-    node_id: Annotated[int, typer.Argument(metavar="NODE")], config_path: ConfigOpt = None
+    node_id: Annotated[int, typer.Argument(metavar="NODE")],
+    config_path: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """One node's details and its history (what happened, when, why)."""
-    with opened(config_path) as (_config, store):
-        events = store.events(node_id)
+    with backend(config_path, url) as pool:
+        events = pool.events(node_id)
         try:
-            node: NodeRow | None = store.node(node_id)
+            node: NodeRow | None = pool.node(node_id)
         except NotFound:
             node = None
     if node is None and not events:

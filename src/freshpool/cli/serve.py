@@ -21,7 +21,7 @@ from freshpool.cli.app import (
 )
 from freshpool.config import load, resolve_path
 from freshpool.drivers.base import Driver, load_driver
-from freshpool.service import imaging
+from freshpool.service.imagekeeper import ImageKeeper
 from freshpool.store import Store
 
 # ---------------------------------------------------------------- serving
@@ -31,9 +31,17 @@ from freshpool.store import Store
 @friendly
 def serve(
     config_path: ConfigOpt = None,
-    build: Annotated[bool, typer.Option(help="Build images that have no ready build.")] = True,
+    build: Annotated[
+        bool,
+        typer.Option(
+            help="Build images on their own (none ready, definition changed, rebuild-age);"
+            " with --no-build only `freshpool image build` requests are built."
+        ),
+    ] = True,
 ) -> None:
     """Run the launcher: keep min-ready nodes per label ready, delete used ones."""
+    from freshpool.api import serving
+    from freshpool.api.server import ListenError
     from freshpool.service.launcher import Launcher
 
     config = load(config_path)
@@ -44,7 +52,7 @@ def serve(
         )
     config.state_dir.mkdir(parents=True, exist_ok=True)
     lock = _launcher_lock(config.state_dir)
-    store = Store.open(config.state_dir)
+    store = Store.open(config.state_dir, config.database_url)
     drivers: dict[str, Driver] = {}
     for provider in config.providers:
         driver = load_driver(provider, store.cluster_id, config.state_dir)
@@ -62,11 +70,23 @@ def serve(
     err.print(
         f"freshpool serving from {source}; state in {config.state_dir}; cluster {store.cluster_id}"
     )
-    if build:
-        imaging.build_missing_in_background(config, store)
+    launcher = Launcher(config, store, drivers)
     try:
-        Launcher(config, store, drivers).run(stop)
+        # The request scheduler, metrics and the HTTP API (api: in the config).
+        running = serving.start(config, store, launcher)
+    except ListenError as exc:
+        store.close()
+        raise Exit(str(exc), 3) from None
+    if running.url:
+        err.print(f"API and dashboard at {running.url} (OpenAPI: {running.url}/docs)")
+    # Builds, validates, uploads and deletes image builds, once per launcher pass.
+    keeper = ImageKeeper(config, store, drivers, automatic=build, wake=launcher.wake)
+    launcher.add_pass(keeper.tick)
+    try:
+        launcher.run(stop)
     finally:
+        keeper.stop()
+        running.stop()
         store.close()
         lock.close()
 

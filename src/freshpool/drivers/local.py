@@ -8,14 +8,11 @@ found and deleted from the id alone, even after the launcher or the host restart
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import secrets
 import subprocess
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -23,8 +20,6 @@ from typing import Any
 from freshpool.config import Provider
 from freshpool.drivers import localfs, localnet, localproc
 from freshpool.drivers.base import (
-    DoneOperation,
-    Driver,
     DriverError,
     DriverUnavailable,
     Instance,
@@ -37,20 +32,17 @@ from freshpool.drivers.base import (
     Tags,
 )
 from freshpool.drivers.localproc import Command, CommandFailed, tool
+from freshpool.drivers.noderuntime import (
+    MARK_NODE,
+    HostNodeDriver,
+    NodeDir,
+    NodeLaunch,
+    RuntimeRecord,
+    keygen,
+    tail,
+)
 from freshpool.drivers.ssh import BannerProbe
 
-# The cluster id is part of the external id, which names a directory and a netns.
-CLUSTER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
-HOSTNAME_PATTERN = re.compile(rf"^(?=.{{1,64}}$){_LABEL}(\.{_LABEL})*$")
-USER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
-
-# Environment marks on a node's launch processes (bwrap), so strays can be found.
-MARK_CLUSTER = "FRESHPOOL_CLUSTER"
-MARK_NODE = "FRESHPOOL_NODE"
-MARK_PROVIDER = "FRESHPOOL_PROVIDER"
-
-RECORD_FILE = "node.json"
 RECORD_VERSION = 1
 # Refuse to start a node on a nearly full disk: it would fail its job anyway.
 MIN_FREE_BYTES = 64 * 2**20
@@ -104,10 +96,8 @@ SSHD_OPTIONS = (
 
 
 @dataclass(frozen=True)
-class NodePaths:
+class NodePaths(NodeDir):
     """Where a node's files live: <state>/nodes/<external id>/..."""
-
-    dir: Path
 
     @property
     def root(self) -> Path:
@@ -122,61 +112,20 @@ class NodePaths:
         return self.dir / "work"
 
     @property
-    def record(self) -> Path:
-        return self.dir / RECORD_FILE
-
-    @property
-    def key(self) -> Path:
-        return self.dir / "id_ed25519"
-
-    @property
-    def known_hosts(self) -> Path:
-        return self.dir / "known_hosts"
-
-    @property
     def log(self) -> Path:
         return self.dir / "node.log"
 
 
 @dataclass
-class NodeRecord:
-    """The node's runtime file: enough to adopt, reach or delete it after a restart."""
+class NodeRecord(RuntimeRecord):
+    """A namespace node's runtime file: its address and network, and its image layers."""
 
-    external_id: str
-    cluster: str
-    node_id: int
-    build_id: str
-    provider: str
-    hostname: str
-    user: str
     ip: str
     netns: str
     veth: str
     bridge: str
     layers: list[str]
-    created: float
-    pid: int | None = None
-    # Start time of pid in clock ticks: tells our process from a later one with its pid.
-    pid_start: int | None = None
-    version: int = RECORD_VERSION
-
-    @classmethod
-    def load(cls, path: Path) -> NodeRecord | None:
-        try:
-            data = json.loads(path.read_text())
-            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def save(self, path: Path) -> None:
-        # Write then rename: a crash leaves the old record or the new one, never half.
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
-
-    @property
-    def tags(self) -> Tags:
-        return Tags(self.cluster, self.node_id, self.build_id)
+    version: int = field(default=RECORD_VERSION, kw_only=True)
 
 
 _STEPS = {
@@ -190,24 +139,9 @@ _STEPS = {
 
 
 @dataclass
-class _Launch:
-    """What one create has made so far, so a failure can undo exactly that."""
-
-    spec: NodeSpec
-    external_id: str
-    paths: NodePaths
+class _Launch(NodeLaunch[NodePaths, NodeRecord]):
+    # The node's address on the bridge, allocated before anything is made.
     ip: IPv4Address
-    record: NodeRecord | None = None
-    commands: list[Command] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-    step: str = ""
-    started: float = field(default_factory=time.monotonic)
-    # Milliseconds from the start of the create to the start of each step.
-    timeline: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, step: str) -> None:
-        self.step = step
-        self.timeline[step] = round((time.monotonic() - self.started) * 1000, 1)
 
 
 def _inside(root: Path, relative: str) -> Path:
@@ -257,32 +191,19 @@ def _no_space(exc: BaseException) -> bool:
     return False
 
 
-class LocalDriver(Driver):
+class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
     """Nodes as namespace containers on this host, reached over a host-only bridge."""
 
-    # A create is refused while the state dir's filesystem has less free space.
     min_free_bytes: int = MIN_FREE_BYTES
+    kind = "local"
+    noun = "node"
 
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
         super().__init__(provider, cluster, state_dir)
-        if not CLUSTER_PATTERN.match(cluster):
-            raise DriverUnavailable(
-                f"cluster id {cluster!r} cannot name local nodes: use up to 64 letters,"
-                " digits, '.', '_' or '-'"
-            )
         self.network = localnet.BridgeNetwork.for_provider(provider)
-        # Resolved, because mountinfo shows resolved paths.
-        base = Path(os.path.realpath(state_dir))
-        self.nodes_dir = base / "nodes"
-        self.trash_dir = base / "trash"
-        self._prefix = f"fp-{cluster}-"
         self._addresses = localnet.AddressPool(self.network)
-        # Nodes started by this process: reaped here, or they would linger as zombies.
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._sweeper: subprocess.Popen[bytes] | None = None
         self._bridge_ready = False
-        # External ids whose create operation is under way in this driver.
-        self._creating: set[str] = set()
         for eid in self._node_dirs():
             record = NodeRecord.load(self._paths(eid).record)
             if record is not None and ip_address(record.ip) in self.network.subnet:
@@ -291,32 +212,8 @@ class LocalDriver(Driver):
 
     # ---- identity and layout
 
-    def external_id_for(self, tags: Tags) -> str:
-        # Also the netns name, and the node directory's name.
-        return f"fp-{tags.cluster}-{tags.node_id}"
-
-    def node_id_of(self, external_id: str) -> int | None:
-        """The node id in an external id of this cluster, None if it is not one of ours."""
-        rest = external_id.removeprefix(self._prefix)
-        if rest == external_id or not rest.isdigit():
-            return None
-        return int(rest)
-
     def _paths(self, external_id: str) -> NodePaths:
         return NodePaths(self.nodes_dir / external_id)
-
-    def _node_dirs(self) -> list[str]:
-        try:
-            names = os.listdir(self.nodes_dir)
-        except FileNotFoundError:
-            return []
-        return [n for n in names if self.node_id_of(n) is not None]
-
-    def _marks(self, node_id: int | None = None) -> dict[str, str]:
-        marks = {MARK_CLUSTER: self.cluster, MARK_PROVIDER: self.provider.name}
-        if node_id is not None:
-            marks[MARK_NODE] = str(node_id)
-        return marks
 
     # ---- host checks
 
@@ -361,12 +258,7 @@ class LocalDriver(Driver):
         return StepOperation(self._create(spec))
 
     def _validate(self, spec: NodeSpec, external_id: str, paths: NodePaths) -> None:
-        if spec.cluster != self.cluster:
-            raise DriverError(f"node of cluster {spec.cluster!r} given to {self.cluster!r}")
-        if not HOSTNAME_PATTERN.match(spec.hostname):
-            raise DriverError(f"{spec.hostname!r} is not a valid hostname")
-        if not USER_PATTERN.match(spec.user):
-            raise DriverError(f"{spec.user!r} is not a valid user name")
+        self._check_spec(spec)
         if not spec.layers:
             raise DriverError(f"{external_id}: no image layers given")
         for layer in spec.layers:
@@ -376,13 +268,7 @@ class LocalDriver(Driver):
             raise DriverError(
                 f"{external_id} already exists (leftovers of an earlier launch?): delete it first"
             )
-        self.nodes_dir.mkdir(parents=True, exist_ok=True)
-        free = _free_bytes(self.nodes_dir)
-        if free < self.min_free_bytes:
-            raise OutOfSpace(
-                f"{external_id}: only {free // 2**20} MiB free under {self.nodes_dir}"
-                f" (at least {self.min_free_bytes // 2**20} MiB needed to start a node)"
-            )
+        self._check_free_space(external_id)
 
     def _create(self, spec: NodeSpec) -> Generator[float, None, Instance]:
         external_id = self.external_id_for(spec.tags)
@@ -396,40 +282,26 @@ class LocalDriver(Driver):
         finally:
             self._creating.discard(external_id)
 
-    def _build(self, launch: _Launch) -> Generator[float, None, Instance]:
-        external_id = launch.external_id
-        try:
-            launch.mark("files")
-            self._make_files(launch)
-            launch.mark("network")
-            yield from self._make_network(launch)
-            launch.mark("keys")
-            for command in launch.commands:
-                yield from command.wait()
-            launch.mark("access")
-            self._install_access(launch)
-            launch.mark("spawn")
-            self._spawn(launch)
-            # sshd needs tens of milliseconds: let other operations have the loop.
-            yield 0.005
-            launch.mark("ssh")
-            yield from self._wait_ssh(launch)
-            launch.mark("ready")
-        except Exception as exc:
-            error = self._explain(exc, launch)
-            for command in launch.commands:
-                command.kill()
-            try:
-                yield from self._remove(external_id, launch.ip)
-            except Exception as cleanup:
-                error.add_note(f"cleaning up after the failure also failed: {cleanup}")
-            if error is exc:
-                raise
-            raise error from exc
-        assert launch.record is not None
-        instance = self._instance(launch.record, alive=True)
-        instance.details["timeline_ms"] = launch.timeline
-        return instance
+    def _launch_steps(self, launch: _Launch) -> Generator[float, None, None]:
+        launch.mark("files")
+        self._make_files(launch)
+        launch.mark("network")
+        yield from self._make_network(launch)
+        launch.mark("keys")
+        for command in launch.commands:
+            yield from command.wait()
+        launch.mark("access")
+        self._install_access(launch)
+        launch.mark("spawn")
+        self._spawn(launch)
+        # sshd needs tens of milliseconds: let other operations have the loop.
+        yield 0.005
+        launch.mark("ssh")
+        yield from self._wait_ssh(launch)
+
+    def _undo(self, launch: _Launch) -> Generator[float, None, None]:
+        # The address is released even if the record holding it was never written.
+        yield from self._remove(launch.external_id, launch.ip)
 
     def _make_files(self, launch: _Launch) -> None:
         """The node dir, its record, the overlay root; starts the key generators."""
@@ -468,11 +340,8 @@ class LocalDriver(Driver):
         for name in os.listdir(etc_ssh):
             if name.startswith("ssh_host_"):
                 (etc_ssh / name).unlink()
-        keygen = tool("ssh-keygen")
-        for key, comment in ((etc_ssh / "ssh_host_ed25519_key", "host"), (paths.key, "client")):
-            label = f"freshpool {comment} {launch.external_id}"
-            argv = [keygen, "-q", "-t", "ed25519", "-N", "", "-C", label, "-f", str(key)]
-            launch.commands.append(Command(argv))
+        for key, role in ((etc_ssh / "ssh_host_ed25519_key", "host"), (paths.key, "client")):
+            launch.commands.append(keygen(key, role, launch.external_id))
 
     def _make_network(self, launch: _Launch) -> Generator[float, None, None]:
         if not self._bridge_ready or not localnet.link_exists(self.network.bridge):
@@ -551,10 +420,7 @@ class LocalDriver(Driver):
                 env=env,
                 start_new_session=True,
             )
-        self._children[launch.external_id] = launch.proc
-        record.pid = launch.proc.pid
-        record.pid_start = localproc.start_time(launch.proc.pid)
-        record.save(paths.record)
+        self._adopt(launch)
 
     def _wait_ssh(self, launch: _Launch) -> Generator[float, None, None]:
         """Poll the SSH banner without blocking; a node that dies says why at once."""
@@ -568,12 +434,12 @@ class LocalDriver(Driver):
                 if status is not None:
                     raise DriverError(
                         f"{launch.external_id}: the node exited with status {status} before"
-                        f" sshd answered: {_tail(launch.paths.log)}"
+                        f" sshd answered: {tail(launch.paths.log)}"
                     )
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"{launch.external_id}: no SSH answer from {launch.ip}:22 within"
-                        f" {self.provider.boot_timeout:g} s: {_tail(launch.paths.log)}"
+                        f" {self.provider.boot_timeout:g} s: {tail(launch.paths.log)}"
                     )
                 if answer is None:
                     # Connected (or connecting): the banner follows within milliseconds.
@@ -599,25 +465,17 @@ class LocalDriver(Driver):
 
     # ---- delete
 
-    def delete(self, external_id: str) -> Operation[None]:
-        if self.node_id_of(external_id) is None:
-            error = DriverError(f"{external_id!r} is not a node of cluster {self.cluster!r}")
-            return DoneOperation(error=error)
-        return StepOperation(self._remove(external_id))
-
     def _node_pids(self, external_id: str, record: NodeRecord | None) -> set[int]:
         pids = localproc.node_processes(
             localnet.netns_file(external_id), self._marks(self.node_id_of(external_id))
         )
-        if record is not None and localproc.is_alive(record.pid, record.pid_start):
+        if record is not None and record.alive():
             assert record.pid is not None
             pids.add(record.pid)
         return pids
 
     def _reap(self) -> None:
-        for external_id, proc in list(self._children.items()):
-            if proc.poll() is not None:
-                del self._children[external_id]
+        super()._reap()
         if self._sweeper is not None and self._sweeper.poll() is not None:
             self._sweeper = None
 
@@ -628,18 +486,15 @@ class LocalDriver(Driver):
         paths = self._paths(external_id)
         record = NodeRecord.load(paths.record)
         deadline = time.monotonic() + self.provider.delete_timeout
-        pause = 0.002
         # Killing the node's pid 1 (the inner bwrap) takes its whole PID namespace down,
         # so once these are gone nothing of the node runs; a last scan makes sure.
-        while pids := self._node_pids(external_id, record):
-            localproc.kill(pids)
-            while pids := {p for p in pids if localproc.start_time(p) is not None}:
-                self._reap()
-                if time.monotonic() > deadline:
-                    raise DriverError(f"{external_id}: processes {sorted(pids)} survive SIGKILL")
-                yield pause
-                pause = min(pause * 2, 0.1)
-        self._reap()
+        yield from self._kill(
+            external_id,
+            lambda: self._node_pids(external_id, record),
+            deadline,
+            pause=0.002,
+            survivors="processes {} survive SIGKILL",
+        )
         attempts = 0
         while mounts := localfs.mounts_under(paths.dir):
             for mount in mounts:
@@ -654,15 +509,7 @@ class LocalDriver(Driver):
                 yield 0.05
         yield from localnet.remove_node_network(external_id, localnet.veth_name(external_id))
         if os.path.lexists(paths.dir):
-            # Renamed first so a half-removed directory never looks like a node.
-            self.trash_dir.mkdir(parents=True, exist_ok=True)
-            target = self.trash_dir / f"{external_id}.{secrets.token_hex(4)}"
-            try:
-                os.rename(paths.dir, target)
-            except OSError:
-                target = paths.dir
-            # An upper dir may hold a whole build: removing it must not block the loop.
-            yield from Command([tool("rm"), "-rf", "--one-file-system", "--", str(target)]).wait()
+            yield from self._trash(paths.dir, external_id)
         for address in {ip, record.ip if record else None}:
             if address is not None:
                 self._addresses.release(address)
@@ -714,7 +561,7 @@ class LocalDriver(Driver):
             if eid not in self._creating:
                 if record is None:
                     problems.append("no runtime record")
-                elif not localproc.is_alive(record.pid, record.pid_start):
+                elif not record.alive():
                     problems.append("process gone")
                 if eid not in mounted:
                     problems.append("root not mounted")
@@ -776,11 +623,6 @@ class LocalDriver(Driver):
             return []
 
 
-def _free_bytes(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
-
-
 def _overlay_available() -> bool:
     try:
         with open("/proc/filesystems") as filesystems:
@@ -828,11 +670,3 @@ def _allow_key_login(root: Path, user: str) -> None:
             lines[i] = ":".join(fields)
             _write(shadow, "".join(lines), stat.st_mode & 0o7777, stat.st_uid, stat.st_gid)
             return
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"

@@ -1,5 +1,6 @@
-"""Host processes for local nodes: running host tools without blocking, and finding,
-checking and killing node processes by pid, network namespace or environment marks."""
+"""Host processes for drivers whose nodes run on this host (local, qemu): running host
+tools without blocking, and finding, checking and killing node processes by pid,
+network namespace or environment marks."""
 
 from __future__ import annotations
 

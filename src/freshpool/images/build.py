@@ -166,10 +166,41 @@ def remove_build(build_dir: Path) -> None:
     remove_tree(Path(build_dir))
 
 
+# What this builder makes an image from; the rest of an image definition (steps, files,
+# ...) is layered on top by images/pipeline.py.
+BASE_FIELDS = ("name", "suite", "mirror", "variant", "packages", "prefetch")
+
+
 def content_key(image: Image) -> str:
-    """The sha256 of the image definition: equal definitions give equal keys."""
-    definition = json.dumps(image.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """The sha256 of the base definition: equal definitions give equal keys."""
+    dumped = image.model_dump(mode="json")
+    base = {name: dumped[name] for name in BASE_FIELDS}
+    definition = json.dumps(base, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(definition.encode()).hexdigest()
+
+
+def base_image(image: Image) -> Image:
+    """The part of `image` this builder makes: debootstrap, packages and apt pre-fetch."""
+    return Image(**{name: getattr(image, name) for name in BASE_FIELDS})
+
+
+def failure_kind(lines: list[str], where: Path) -> str:
+    """Why a command failed, from its output: "disk", "network" or "other"."""
+    if any(_DISK_FULL.search(line) for line in lines):
+        return "disk"
+    with contextlib.suppress(OSError):
+        fs = os.statvfs(where)
+        if fs.f_bavail * fs.f_frsize < NEARLY_FULL:
+            return "disk"
+    if any(_NETWORK.search(line) for line in lines):
+        return "network"
+    return "other"
+
+
+def failure_evidence(lines: list[str], kind: str) -> str:
+    """The output lines that show why a command failed, joined into one line."""
+    pattern = {"disk": _DISK_FULL, "network": _NETWORK}.get(kind)
+    return _evidence(lines, pattern) if pattern is not None else ""
 
 
 def find_tools(search_path: str = SEARCH_PATH) -> dict[str, str]:
@@ -214,7 +245,7 @@ def _locked(build_dir: Path) -> Iterator[None]:
     try:
         handle = open(build_dir / LOCK, "w")  # noqa: SIM115 - closed below, after the build
     except OSError as exc:
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise ImageBuildError("check", f"the disk is full under {build_dir}") from None
         raise
     with handle:
@@ -225,7 +256,7 @@ def _locked(build_dir: Path) -> Iterator[None]:
         yield
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -625,7 +656,7 @@ class _Builder:
             return exc
         if isinstance(exc, _CommandFailed):
             return self._command_error(exc, self._classify(exc), 1)
-        if _is_disk_full(exc) or (isinstance(exc, OSError) and self.log_lost_lines):
+        if is_disk_full(exc) or (isinstance(exc, OSError) and self.log_lost_lines):
             return ImageBuildError(
                 self.stage,
                 f"the disk is full (no space left on device) under {self.build_dir}: {exc}",
@@ -673,7 +704,7 @@ class _Builder:
         try:
             self.log = open(self.build_dir / LOG, "a")  # noqa: SIM115 - open for the whole build
         except OSError as exc:
-            if not _is_disk_full(exc):
+            if not is_disk_full(exc):
                 raise
             self.log, self.log_lost_lines = None, True
             return
@@ -691,7 +722,7 @@ class _Builder:
             self.log.write(line + "\n")
             self.log.flush()
         except OSError as exc:
-            if not _is_disk_full(exc):
+            if not is_disk_full(exc):
                 raise
             # A full disk must not hide the build's own error: go on without the file.
             self.log_lost_lines = True

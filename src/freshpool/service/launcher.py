@@ -15,12 +15,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from freshpool import crashpoints
 from freshpool.config import Config, Label, Provider
 from freshpool.drivers.base import (
     CommandResult,
+    DoneOperation,
     Driver,
     Instance,
     NodeSpec,
@@ -31,15 +31,18 @@ from freshpool.drivers.base import (
 from freshpool.service import timeouts
 from freshpool.service.cleanup import LeakSweeper
 from freshpool.service.gate import ProviderGate
+from freshpool.service.imaging import uses_layers_in_place
 from freshpool.service.retry import DRIVER_RETRY, RetryPolicy
 from freshpool.states import (
     NODE_SUPPLY_STATES,
     NODE_TO_DELETE_STATES,
+    NODE_TRANSITIONS,
     BuildState,
     NodeState,
     RequestState,
 )
 from freshpool.store import NodeRow, StaleState, Store
+from freshpool.store.builds import ServingBuild
 
 log = logging.getLogger("freshpool.launcher")
 N = NodeState
@@ -54,6 +57,8 @@ class InFlight:
     deleting: dict[int, Operation[None]] = field(default_factory=dict)
     # Health checks of ready nodes.
     checking: dict[int, CommandResult] = field(default_factory=dict)
+    # When each delete in flight is given up on (monotonic), per provider delete-timeout.
+    delete_deadline: dict[int, float] = field(default_factory=dict)
     # Instances with no row (strays found by tag), by (provider, external id).
     strays: dict[tuple[str, str], Operation[None]] = field(default_factory=dict)
     # (provider, label) of each node being created or tested.
@@ -104,6 +109,13 @@ class Launcher:
         self._throttled: set[str] = set()
         self._providers = {p.name: p for p in config.providers}
         self._labels = {x.name: x for x in config.labels}
+        self._next_periodic: dict[str, float] = {}
+        self._shortest_limit = min(
+            (limit for label in config.labels for provider in config.providers
+             for state in timeouts.TIMED_STATES
+             if (limit := timeouts.limit(state, label, provider)) is not None),
+            default=0.0,
+        )
 
     def wake(self) -> None:
         """Start the next pass now (thread-safe; e.g. an API request just arrived)."""
@@ -161,6 +173,7 @@ class Launcher:
 
     def recover(self) -> None:
         """Reconcile with what exists after a start: adopt known live nodes, delete strays."""
+        self.store.release_delete_leases(time.time())
         for name, driver in self.drivers.items():
             instances = {i.tags.node_id: i for i in driver.list_instances() if i.tags}
             rows = {row.id: row for row in self.store.nodes(provider=name)}
@@ -229,8 +242,11 @@ class Launcher:
         for node_id, op in list(self.ops.deleting.items()):
             if now >= op.not_before:
                 op.advance()
+            if not op.done and now > self.ops.delete_deadline.get(node_id, now):
+                op = DoneOperation(error=TimeoutError("the delete did not finish in time"))
             if op.done:
                 del self.ops.deleting[node_id]
+                self.ops.delete_deadline.pop(node_id, None)
                 self._deleted(node_id, op)
         for key, op in list(self.ops.strays.items()):
             if now >= op.not_before:
@@ -352,9 +368,12 @@ class Launcher:
     def _fail_id(
         self, node_id: int, expect: NodeState, reason: str, values: dict | None = None
     ) -> None:
+        # A held node is never quarantined as failed (the state table says so):
+        # when it must go, it goes straight to deleting.
+        target = N.FAILED if N.FAILED in NODE_TRANSITIONS[expect] else N.DELETING
         try:
-            self.store.transition(node_id, expect, N.FAILED, reason, **(values or {}))
-            log.warning("node %s: failed: %s", node_id, reason)
+            self.store.transition(node_id, expect, target, reason, **(values or {}))
+            log.warning("node %s: %s: %s", node_id, target, reason)
         except StaleState:
             if values:
                 self.store.set_instance(node_id, **values)
@@ -370,10 +389,8 @@ class Launcher:
             except StaleState:
                 continue
         now = time.time()
-        for row in self.store.nodes(states_in=[N.DELETING]):
+        for row in self.store.due_for_delete(now):
             if row.id in self.ops.deleting or row.id in self.ops.creating:
-                continue
-            if row.next_attempt_at > now:
                 continue
             driver = self.drivers.get(row.provider)
             if driver is None:
@@ -395,10 +412,15 @@ class Launcher:
             if not self.gates[row.provider].take():
                 self._throttled.add(row.provider)
                 continue
+            # The lease keeps this row out of the next passes' queries while the
+            # delete runs; it expires by itself if this launcher dies.
+            timeout = self._providers[row.provider].delete_timeout
+            self.store.lease_delete(row.id, now + timeout)
             op = driver.delete(external_id)
             op.advance()
             crashpoints.point("delete")
             self.ops.deleting[row.id] = op
+            self.ops.delete_deadline[row.id] = time.monotonic() + timeout
 
     @staticmethod
     def _find_external_id(driver: Driver, node_id: int) -> str | None:
@@ -407,10 +429,22 @@ class Launcher:
                 return instance.external_id
         return None
 
+    def _periodic_due(self, task: str) -> bool:
+        """Timeouts and health checks need second-scale precision, not every pass."""
+        now = time.monotonic()
+        if now < self._next_periodic.get(task, 0.0):
+            return False
+        self._next_periodic[task] = now + self.config.interval
+        return True
+
     def _enforce_timeouts(self) -> None:
         """Move on every node that stayed too long in its state (see service/timeouts.py)."""
+        if not self._periodic_due("timeouts"):
+            return
         now = time.time()
-        for row in self.store.nodes(states_in=timeouts.TIMED_STATES):
+        # Only rows older than the shortest limit anywhere can be overdue.
+        for row in self.store.in_state_since_before(timeouts.TIMED_STATES,
+                                                    now - self._shortest_limit):
             provider = self._providers.get(row.provider)
             label = self._labels.get(row.label)
             if provider is None or label is None:
@@ -430,13 +464,14 @@ class Launcher:
 
     def _health_checks(self) -> None:
         """Re-test ready nodes now and then; a failing one is replaced before a job gets it."""
+        if not self._periodic_due("health"):
+            return
         now = time.time()
         for label in self.config.labels:
             if label.health_interval <= 0:
                 continue
-            for row in self.store.nodes(states_in=[N.READY], label=label.name):
-                last = row.checked_at or row.ready_at or row.state_at
-                if row.id in self.ops.checking or now - last < label.health_interval:
+            for row in self.store.due_for_check(label.name, now - label.health_interval):
+                if row.id in self.ops.checking:
                     continue
                 driver = self.drivers.get(row.provider)
                 if driver is None or row.external_id is None:
@@ -489,11 +524,7 @@ class Launcher:
                 self.leaks_found += 1
                 self.ops.strays[key] = driver.delete(instance.external_id)
             for row in result.vanished:
-                with contextlib.suppress(StaleState):
-                    self.store.transition(
-                        row.id, N(row.state), N.FAILED, "instance vanished at the provider"
-                    )
-                    log.warning("node %s: instance vanished; replacing it", row.id)
+                self._fail(row, "instance vanished at the provider")
             for row in result.gone:
                 with contextlib.suppress(StaleState):
                     self.store.remove_node(row.id, "instance no longer listed by the provider")
@@ -535,9 +566,16 @@ class Launcher:
             for provider in self._providers_by_room(label, used_by_provider):
                 if self._paused_until.get((provider.name, label.name), 0) > time.monotonic():
                     continue
+                # Only a build whose upload to this provider is ready (image keeper).
+                in_place = uses_layers_in_place(self.drivers[provider.name])
+                serving = self.store.serving_on(label.image, provider.name, in_place)
+                if serving is None:
+                    continue
                 gate = self.gates[provider.name]
                 room = min(
-                    provider.max_nodes - used_by_provider[provider.name],
+                    # The driver's own limit (host RAM for VMs, addresses...) may be lower.
+                    self.drivers[provider.name].limits().max_nodes
+                    - used_by_provider[provider.name],
                     provider.max_parallel_launches - self.ops.launches_on(provider.name),
                     missing,
                 )
@@ -545,7 +583,7 @@ class Launcher:
                     if not gate.take():
                         self._throttled.add(provider.name)
                         break
-                    self._start_launch(provider, label, build.id, Path(build.path))
+                    self._start_launch(provider, label, serving)
                     used_by_provider[provider.name] += 1
                     missing -= 1
                 if missing <= 0:
@@ -574,9 +612,8 @@ class Launcher:
         ]
         return sorted(mine, key=lambda p: used[p.name] - p.max_nodes)
 
-    def _start_launch(
-        self, provider: Provider, label: Label, build_id: str, build_path: Path
-    ) -> None:
+    def _start_launch(self, provider: Provider, label: Label, serving: ServingBuild) -> None:
+        build_id = serving.build.id
         row = self.store.new_node(label.name, provider.name, build_id, label.name)
         crashpoints.point("launch")
         spec = NodeSpec(
@@ -585,8 +622,9 @@ class Launcher:
             label=label.name,
             hostname=row.hostname,
             build_id=build_id,
-            layers=(build_path / "rootfs",),
+            layers=serving.build.layer_paths(),
             user=label.user,
+            image_external_id=serving.external_id,
         )
         op = self.drivers[provider.name].create(spec)
         op.advance()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +28,15 @@ class ChangeWatcher:
     """Tells cheaply whether another process committed since the last look.
 
     SQLite's data_version changes on one connection when others commit, so the
-    launcher wakes at once when a CLI releases a node, without re-reading tables.
-    Other backends report "maybe" every time; the caller's interval bounds the cost.
+    launcher and waiting clients wake at once when a node is released, without
+    re-reading tables. Other backends say "maybe" at most every `poll` seconds
+    (LISTEN/NOTIFY would make PostgreSQL as prompt; not needed on one host).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, poll: float = 0.1) -> None:
         self._conn = engine.raw_connection() if engine.dialect.name == "sqlite" else None
+        self._poll = poll
+        self._next = time.monotonic() + poll
         self._last = self._version()
 
     def _version(self) -> int:
@@ -45,9 +50,13 @@ class ChangeWatcher:
 
     def changed(self) -> bool:
         if self._conn is None:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + self._poll
             return True
-        now = self._version()
-        changed, self._last = now != self._last, now
+        now_version = self._version()
+        changed, self._last = now_version != self._last, now_version
         return changed
 
     def close(self) -> None:
@@ -61,6 +70,7 @@ class StoreBase:
         self.engine = db.make_engine(url)
         # Reads take a snapshot without the write lock (see db._tune_sqlite).
         self._reader = self.engine.execution_options(readonly=True)
+        self._write_lock = threading.Lock()
         db.upgrade(self.engine)
         self.cluster_id = self._cluster_id()
 
@@ -74,7 +84,10 @@ class StoreBase:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        # Threads of one process (API, launcher) queue here for SQLite's single write
+        # lock: waiting on SQLite's busy handler instead sleeps in steps of up to
+        # 100 ms, which turns a 1 ms hand-out into a long one under load.
+        with self._write_lock, self.engine.begin() as conn:
             yield conn
 
     @contextmanager

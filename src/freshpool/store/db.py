@@ -20,7 +20,14 @@ def sqlite_url(state_dir: Path) -> str:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        # Waiters each hold a connection to watch for changes; SQLite connections are
+        # cheap, so the pool is allowed to grow rather than make waiters queue.
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=10,
+            max_overflow=500,
+        )
         _tune_sqlite(engine)
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -128,6 +128,53 @@ class NodeQueries(StoreBase):
                 .values(external_id=external_id, access=access)
             )
 
+    def in_state_since_before(self, states_in: Sequence[str], before: float) -> list[NodeRow]:
+        """Nodes in one of `states_in` that entered it before `before` (timeout candidates)."""
+        query = select(nodes).where(
+            nodes.c.state.in_([str(x) for x in states_in]), nodes.c.state_at < before
+        )
+        with self._read() as conn:
+            return [NodeRow(**row._mapping) for row in conn.execute(query)]
+
+    def due_for_check(self, label: str, before: float) -> list[NodeRow]:
+        """Ready nodes of a label last tested (or made ready) before `before`."""
+        last = func.coalesce(nodes.c.checked_at, nodes.c.ready_at, nodes.c.state_at)
+        query = select(nodes).where(
+            nodes.c.state == NodeState.READY, nodes.c.label == label, last < before
+        )
+        with self._read() as conn:
+            return [NodeRow(**row._mapping) for row in conn.execute(query)]
+
+    def due_for_delete(self, now: float) -> list[NodeRow]:
+        """Deleting nodes whose next delete attempt is due (no live lease, no backoff)."""
+        query = select(nodes).where(
+            nodes.c.state == NodeState.DELETING, nodes.c.next_attempt_at <= now
+        )
+        with self._read() as conn:
+            return [NodeRow(**row._mapping) for row in conn.execute(query)]
+
+    def lease_delete(self, node_id: int, until: float) -> None:
+        """A delete is under way until `until`; nobody starts another before then."""
+        with self._write() as conn:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id, nodes.c.state == NodeState.DELETING)
+                .values(next_attempt_at=until)
+            )
+
+    def release_delete_leases(self, now: float) -> None:
+        """After a restart, deletes the previous launcher had in flight are due again."""
+        with self._write() as conn:
+            conn.execute(
+                update(nodes)
+                .where(
+                    nodes.c.state == NodeState.DELETING,
+                    nodes.c.next_attempt_at > now,
+                    nodes.c.delete_attempts == 0,
+                )
+                .values(next_attempt_at=0)
+            )
+
     def mark_checked(self, node_id: int) -> None:
         """A health check of a ready node passed."""
         with self._write() as conn:
@@ -211,7 +258,7 @@ def _transition(
 
 
 def _pick_ready(conn: Connection, provider: str, labels: Sequence[str]) -> list[int] | None:
-    """Distinct ready nodes of one provider, one per wanted label, oldest ready first."""
+    """Distinct ready nodes of one provider, one per wanted label, oldest first."""
     wanted = Counter(labels)
     picked: list[int] = []
     for label, count in wanted.items():
@@ -222,7 +269,10 @@ def _pick_ready(conn: Connection, provider: str, labels: Sequence[str]) -> list[
                 nodes.c.label == label,
                 nodes.c.state == NodeState.READY,
             )
-            .order_by(nodes.c.ready_at, nodes.c.id)
+            # Oldest node first. By id, not ready_at: the (state, label, provider) index
+            # yields rows in id order, so this needs no sort of every ready node (at
+            # thousands of ready nodes the sort was most of a hand-out's time).
+            .order_by(nodes.c.id)
             .limit(count)
             # PostgreSQL: concurrent claimers skip rows another transaction holds.
             # SQLite ignores it; BEGIN IMMEDIATE already serialises writers there.

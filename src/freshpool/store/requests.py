@@ -124,9 +124,11 @@ class RequestQueries(StoreBase):
                             {"request_id": request_id, "tenant": request.tenant},
                         )
                     )
-                conn.execute(
+                # Compare-and-set: two claimers of one request (PostgreSQL, or the
+                # scheduler racing a CLI) cannot both win; the loser rolls back.
+                won = conn.execute(
                     update(requests)
-                    .where(requests.c.id == request_id)
+                    .where(requests.c.id == request_id, requests.c.state == RequestState.PENDING)
                     .values(
                         provider=provider,
                         fulfilled_at=now,
@@ -134,7 +136,9 @@ class RequestQueries(StoreBase):
                         state_at=now,
                         reason=f"nodes {', '.join(str(n.id) for n in claimed)}",
                     )
-                )
+                ).rowcount
+                if won != 1:
+                    raise StaleState(f"request {request_id} is no longer pending")
                 return claimed
             return None
 

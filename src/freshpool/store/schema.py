@@ -95,7 +95,7 @@ image_builds = Table(
 )
 Index("ix_image_builds_image", image_builds.c.image, image_builds.c.state)
 
-# Per-image operator switches (pause).
+# Per-image operator switches (pause, build requests) and rebuild bookkeeping.
 images = Table(
     "images",
     metadata,
@@ -103,6 +103,12 @@ images = Table(
     Column("paused", Boolean, nullable=False, server_default="0"),
     Column("reason", Text, nullable=False, server_default=""),
     Column("updated_at", Float, nullable=False),
+    # `image build` asked the running launcher for a build (and whether to ignore caches).
+    Column("build_requested_at", Float),
+    Column("build_fresh", Boolean, nullable=False, server_default="0"),
+    # When the newest build that passed validation was made; rebuild-age counts from
+    # here, so a rollback does not make the image look due for a rebuild.
+    Column("built_at", Float),
 )
 
 # Where each build has been uploaded (cloud drivers); the local driver uses layers in place.

@@ -1,0 +1,295 @@
+"""The benchmark scenarios; each returns {figure name: value}."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+from bench.common import BenchPool, local_provider, percentile, sim_providers, test_image
+from freshpool.service import handoff
+
+Figures = dict[str, float]
+
+
+def handoff_in_process(
+    root: Path, clients: tuple[int, ...] = (1, 10, 50), per_client: int = 20
+) -> Figures:
+    """Warm pool, many clients calling acquire at once: latency and throughput."""
+    figures: Figures = {}
+    for count in clients:
+        figures.update(_handoff(root, count, per_client))
+    return figures
+
+
+def _handoff(root: Path, count: int, per_client: int) -> Figures:
+    total = count * per_client
+    pool = BenchPool(root, f"handoff-{count}", sim_providers(1, total + 10), total)
+    samples: list[float] = []
+    lock = threading.Lock()
+
+    def client(_: int) -> None:
+        for _ in range(per_client):
+            started = time.perf_counter()
+            handoff.acquire(pool.config, pool.store, ["debian"], timeout=10)
+            with lock:
+                samples.append((time.perf_counter() - started) * 1000)
+
+    try:
+        pool.run_until(lambda: pool.ready() >= total)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=count) as workers:
+            list(workers.map(client, range(count)))
+        wall = time.perf_counter() - started
+    finally:
+        pool.destroy()
+    return {
+        f"handoff_c{count}_p50_ms": round(percentile(samples, 50), 2),
+        f"handoff_c{count}_p99_ms": round(percentile(samples, 99), 2),
+        f"handoff_c{count}_per_s": round(total / wall, 1),
+    }
+
+
+def fill_sim(root: Path, sizes: tuple[int, ...] = (50, 500)) -> Figures:
+    figures: Figures = {}
+    for n in sizes:
+        pool = BenchPool(root, f"fill-sim-{n}", sim_providers(1, n), n)
+        try:
+            figures[f"fill_sim_{n}_s"] = round(
+                pool.run_until(lambda p=pool, k=n: p.ready() >= k), 3
+            )
+        finally:
+            pool.destroy()
+    return figures
+
+
+def fill_local(root: Path, sizes: tuple[int, ...] = (20, 50, 100)) -> Figures:
+    figures: Figures = {}
+    image = test_image()
+    for i, n in enumerate(sizes):
+        pool = BenchPool(
+            root, f"fill-local-{n}", local_provider(n, f"10.216.{20 + i}.0/24"), n, image_dir=image
+        )
+        try:
+            figures[f"fill_local_{n}_s"] = round(
+                pool.run_until(lambda p=pool, k=n: p.ready() >= k, timeout=300), 3
+            )
+        finally:
+            pool.destroy()
+    return figures
+
+
+def image_to_ready(root: Path, rounds: int = 5) -> Figures:
+    """One real node from an image on disk to ready (SSH + ready command)."""
+    pool = BenchPool(
+        root, "one-local", local_provider(2, "10.216.30.0/24"), 1, image_dir=test_image()
+    )
+    samples = []
+    try:
+        for _ in range(rounds):
+            samples.append(pool.run_until(lambda: pool.ready() >= 1))
+            (node,) = handoff.acquire(pool.config, pool.store, ["debian"], timeout=5)
+            handoff.release(pool.store, node.id)
+            pool.run_until(lambda: not pool.store.nodes(["used", "deleting"]))
+    finally:
+        pool.destroy()
+    return {
+        "image_to_ready_p50_s": round(statistics.median(samples), 3),
+        "image_to_ready_max_s": round(max(samples), 3),
+    }
+
+
+def run_true(root: Path, runs: int = 10) -> Figures:
+    """`freshpool run -- true` end to end against a served warm pool of real nodes."""
+    pool = BenchPool(
+        root, "run-true", local_provider(4, "10.216.31.0/24"), 3, image_dir=test_image()
+    )
+    pool.store.close()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "freshpool", "serve", "--no-build", "-c", str(pool.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    samples = []
+    try:
+        from freshpool.store import Store
+
+        store = Store.open(pool.state_dir)
+        pool.store = store
+        deadline = time.monotonic() + 120
+        while len(store.nodes(["ready"])) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(runs):
+            started = time.perf_counter()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "freshpool",
+                    "run",
+                    "-c",
+                    str(pool.config_path),
+                    "--label",
+                    "debian",
+                    "--",
+                    "true",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            samples.append(time.perf_counter() - started)
+            while len(store.nodes(["ready"])) < 3:
+                time.sleep(0.02)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+        pool.destroy()
+    return {
+        "run_true_p50_s": round(statistics.median(samples), 3),
+        "run_true_max_s": round(max(samples), 3),
+    }
+
+
+def burst(root: Path, warm: int = 50, requests: int = 200) -> Figures:
+    """200 requests at once against a 50-node warm pool (sim, zero latency)."""
+    pool = BenchPool(root, "burst", sim_providers(1, requests + warm), warm)
+    try:
+        pool.run_until(lambda: pool.ready() >= warm)
+        stop = threading.Event()
+        waits: list[float] = []
+        lock = threading.Lock()
+
+        def serve() -> None:
+            pool.launcher.run(stop)
+
+        launcher = threading.Thread(target=serve, daemon=True)
+        launcher.start()
+
+        def client(_: int) -> None:
+            started = time.perf_counter()
+            handoff.acquire(pool.config, pool.store, ["debian"], timeout=30)
+            with lock:
+                waits.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=requests) as workers:
+            list(workers.map(client, range(requests)))
+        wall = time.perf_counter() - started
+        refill_started = time.perf_counter()
+        while pool.ready() < warm:
+            time.sleep(0.005)
+        refill = time.perf_counter() - refill_started
+        stop.set()
+        launcher.join(timeout=30)
+    finally:
+        pool.destroy()
+    return {
+        "burst_wall_s": round(wall, 3),
+        "burst_p50_wait_s": round(percentile(waits, 50), 3),
+        "burst_p90_wait_s": round(percentile(waits, 90), 3),
+        "burst_refill_s": round(wall + refill, 3),
+    }
+
+
+def scale(
+    root: Path,
+    sizes: tuple[int, ...] = (1000, 5000, 10000),
+    providers: int = 20,
+    latency: float = 1.0,
+    rate: float = 10.0,
+) -> Figures:
+    """Many nodes over many slow, rate-limited sim providers: does our loop keep up?"""
+    figures: Figures = {}
+    for n in sizes:
+        figures.update(_scale(root, n, providers, latency, rate))
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return figures
+
+
+def _scale(root: Path, n: int, providers: int, latency: float, rate: float) -> Figures:
+    process = psutil.Process()
+    per = -(-n // providers)
+    pool = BenchPool(
+        root,
+        f"scale-{n}",
+        sim_providers(providers, per, latency, rate, parallel=per),
+        per,
+        extra="cleanup-interval: 3600\n",
+    )
+    durations: list[float] = []
+    original = pool.launcher.reconcile
+
+    def timed() -> None:
+        t = time.perf_counter()
+        original()
+        durations.append(time.perf_counter() - t)
+
+    try:
+        pool.launcher.reconcile = timed  # type: ignore[method-assign]
+        cpu = process.cpu_times()
+        wall = pool.run_until(lambda: pool.ready() >= n, timeout=3600)
+        now = process.cpu_times()
+        cpu_used = now.user + now.system - cpu.user - cpu.system
+        # Steady state: passes over a full pool with nothing to launch.
+        steady: list[float] = []
+        for _ in range(20):
+            t = time.perf_counter()
+            original()
+            steady.append(time.perf_counter() - t)
+        rss = process.memory_info().rss / 2**20
+    finally:
+        pool.destroy()
+    # Each node needs a create and a test call, `latency` each: the best possible
+    # wall time is n / (providers * rate) + 2 * latency.
+    achieved = n / max(1e-9, wall - 2 * latency)
+    return {
+        f"scale_{n}_fill_s": round(wall, 2),
+        f"scale_{n}_launch_rate_pct": round(100 * achieved / (providers * rate), 1),
+        f"scale_{n}_pass_p50_ms": round(percentile(durations, 50) * 1000, 2),
+        f"scale_{n}_pass_max_ms": round(max(durations) * 1000, 2),
+        f"scale_{n}_steady_pass_ms": round(statistics.median(steady) * 1000, 2),
+        f"scale_{n}_cpu_ms_per_node": round(cpu_used / n * 1000, 3),
+        f"scale_{n}_rss_mb": round(rss, 1),
+    }
+
+
+class _Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += 1
+
+
+def log_volume(root: Path, lifecycles: int = 100) -> Figures:
+    """Log lines at the default level (info) per node, from launch to row removed."""
+    counter = _Count()
+    logger = logging.getLogger("freshpool")
+    old_level, old_handlers = logger.level, list(logger.handlers)
+    logger.handlers = [counter]
+    logger.setLevel(logging.INFO)
+    pool = BenchPool(root, "logs", sim_providers(1, lifecycles), lifecycles)
+    try:
+        pool.run_until(lambda: pool.ready() >= lifecycles)
+        pool.config = pool.config.model_copy(
+            update={"labels": [pool.config.labels[0].model_copy(update={"min_ready": 0})]}
+        )
+        pool.launcher.config = pool.config
+        for _ in range(lifecycles):
+            (node,) = handoff.acquire(pool.config, pool.store, ["debian"], timeout=5)
+            handoff.release(pool.store, node.id)
+        pool.run_until(lambda: not pool.store.nodes())
+    finally:
+        pool.destroy()
+        logger.handlers, logger.level = old_handlers, old_level
+    return {"log_lines_per_node": round(counter.lines / lifecycles, 2)}

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI), the dashboard and /metrics, served by `freshpool serve`."""

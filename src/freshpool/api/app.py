@@ -1,0 +1,172 @@
+"""The FastAPI application: routers, error mapping, the dashboard's static files."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+
+from freshpool.api import metrics, nodes, pool, requests, status
+from freshpool.api.services import Services
+from freshpool.states import InvalidTransition
+from freshpool.store import NotFound, StaleState
+
+DESCRIPTION = """\
+Single-use CI nodes from a warm pool. Ask for a node set with `POST /requests`
+(wait with `?wait=S`, `GET /requests/{id}?wait=S` or the server-sent events at
+`GET /requests/{id}/events`), mark the job started with `POST /nodes/{id}/in-use`,
+and release the set with `POST /nodes/{id}/release` when the job ends.
+
+Changes need a bearer token (`freshpool token create --tenant T`); a token sees and
+acts on its tenant's requests and nodes only.
+"""
+
+
+def create_app(svc: Services) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        svc.changes.start()
+        try:
+            yield
+        finally:
+            await svc.changes.stop()
+
+    app = FastAPI(
+        title="freshpool",
+        version=metadata.version("freshpool"),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(_no_unknown_query)],
+    )
+    app.state.services = svc
+    app.state.pool_registry = metrics.registry_for(svc)
+
+    known = ", ".join(x.name for x in svc.config.labels)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_input(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for problem in exc.errors():
+            if problem["type"] == "literal_error" and tuple(problem["loc"][:2]) == (
+                "body",
+                "labels",
+            ):
+                problem = {
+                    **problem,
+                    "msg": f"unknown label {problem['input']!r} (known: {known})",
+                }
+            problems.append(problem)
+        return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; list them all.
+            headers["Allow"] = ", ".join(_methods_for(app, request))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc).strip("'\"")}, status_code=404)
+
+    @app.exception_handler(StaleState)
+    async def _stale(_request: Request, exc: StaleState) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(InvalidTransition)
+    async def _invalid(_request: Request, exc: InvalidTransition) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    app.include_router(pool.router)
+    app.include_router(nodes.router)
+    most = max(p.max_nodes for p in svc.config.providers)
+    app.include_router(requests.router([x.name for x in svc.config.labels], most))
+    app.include_router(status.router)
+    app.include_router(metrics.router)
+    _honest_openapi(app, open_reads=svc.config.api.open_status)
+    static = Path(str(resources.files("freshpool.api").joinpath("static")))
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    return app
+
+
+def _honest_openapi(app: FastAPI, open_reads: bool) -> None:
+    """Make the generated spec say what the server does, so clients and fuzzers can trust it.
+
+    FastAPI marks every operation with a bearer dependency as needing the token, and
+    gives an event stream's error responses the stream's media type. Here reads say
+    the token is optional when status is open, and errors are JSON everywhere.
+    """
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in spec.get("paths", {}).values():
+            for method, operation in operations.items():
+                if open_reads and method == "get" and "security" in operation:
+                    operation["security"] = [{}, *operation["security"]]
+                for code, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if code.startswith("4") and "text/event-stream" in content:
+                        response["content"] = {"application/json": content["text/event-stream"]}
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _methods_for(app: FastAPI, request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and isinstance(route, BaseRoute) and hasattr(route, "methods"):
+            methods.update(route.methods or ())
+    return sorted(methods)
+
+
+_known_query: dict[int, frozenset[str]] = {}
+
+
+def _no_unknown_query(request: Request) -> None:
+    """A misspelt query parameter (`?wiat=30`) is an error, not silently ignored."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _known_query.get(id(route))
+    if known is None:
+        known = _known_query[id(route)] = frozenset(_query_names(route.dependant))
+    unknown = [name for name in request.query_params if name not in known]
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "unknown_parameter",
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter (known: {', '.join(sorted(known)) or 'none'})",
+                    "input": request.query_params[name],
+                }
+                for name in unknown
+            ]
+        )
+
+
+def _query_names(dependant: Dependant) -> Iterator[str]:
+    yield from (q.alias for q in dependant.query_params)
+    for sub in dependant.dependencies:
+        yield from _query_names(sub)

@@ -1,0 +1,80 @@
+"""Runs the API with uvicorn in a thread of the launcher's process, on a socket bound up front."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger("freshpool.api")
+
+
+class ListenError(Exception):
+    """The API cannot listen where the config says."""
+
+
+class ApiServer:
+    def __init__(self, app: FastAPI, listen: str, port: int) -> None:
+        self.app = app
+        self.listen = listen
+        self.port = port
+        self.url = ""
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Bind, serve in a thread, return the URL once requests are answered."""
+        # Binding here, in the caller's thread, turns "address in use" into an error
+        # `freshpool serve` reports before it launches anything; port 0 picks a free port.
+        sock = self._bind()
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            log_level="warning",
+            # Long-polls and event streams must not hold up a stop.
+            timeout_graceful_shutdown=1,
+            timeout_keep_alive=30,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="api", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ListenError(f"the API did not start on {self.url}")
+            time.sleep(0.01)
+        log.info("API and dashboard at %s (OpenAPI at %s/docs)", self.url, self.url)
+        return self.url
+
+    def _bind(self) -> socket.socket:
+        try:
+            family, kind, proto, _name, address = socket.getaddrinfo(
+                self.listen, self.port, type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(2048)
+        except OSError as exc:
+            raise ListenError(
+                f"the API cannot listen on {self.listen}:{self.port}:"
+                f" {exc.strerror or exc}; set api.listen/api.port in the config"
+                " (port 0 picks a free one) or api.enabled: false"
+            ) from None
+        return sock
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,69 @@
+"""The CLI and launcher on a real PostgreSQL store (`database-url`), sim nodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from freshpool.config import load
+from freshpool.drivers.base import load_driver
+from freshpool.service.launcher import Launcher
+from freshpool.states import BuildState
+from freshpool.store import Store
+from tests.store.pg import TempPostgres
+from tests.support import run_until
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[TempPostgres]:
+    server = TempPostgres()
+    yield server
+    server.stop()
+
+
+def test_acquire_release_list_on_postgres(tmp_path: Path, postgres: TempPostgres) -> None:
+    url = postgres.new_database()
+    path = tmp_path / "pg.yaml"
+    path.write_text(f"""
+state-dir: {tmp_path / "state"}
+database-url: "{url}"
+interval: 0.05
+providers: [{{name: cloud, driver: sim}}]
+labels: [{{name: debian, image: img, min-ready: 2, health-interval: 0}}]
+images: [{{name: img}}]
+""")
+    config = load(path)
+    store = Store.open(config.state_dir, config.database_url)
+    build = store.new_build("img-1", "img", str(tmp_path))
+    store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "sim")
+    drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
+    launcher = Launcher(config, store, drivers)
+    run_until(launcher, lambda: len(store.nodes(["ready"])) == 2)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "freshpool", "-c", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    got = cli("acquire", "debian", "--json", "--timeout", "5")
+    assert got.returncode == 0, got.stderr
+    node = json.loads(got.stdout)
+    assert node["state"] == "in-use"
+    assert cli("release", str(node["id"])).returncode == 0
+    run_until(
+        launcher,
+        lambda: (
+            node["id"] not in {n.id for n in store.nodes()} and len(store.nodes(["ready"])) == 2
+        ),
+    )
+    listed = json.loads(cli("list", "--json").stdout)
+    assert {n["state"] for n in listed} == {"ready"} and len(listed) == 2
+    store.close()
