@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -105,3 +106,19 @@ def test_cli_commands_over_the_api(make_pool: Callable[..., Pool]) -> None:
         out, _ = serve.communicate(timeout=60)
     assert "API and dashboard at http://127.0.0.1:" in out
     assert not (Path(pool.config.state_dir) / "api.url").exists()
+
+
+def test_serve_says_when_the_api_cannot_listen(make_pool: Callable[..., Pool]) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        pool = make_pool(min_ready=0, extra=f"api:\n  port: {port}\n")
+        result = pool.cli("serve", "--no-build", timeout=60)
+    finally:
+        taken.close()
+    assert result.returncode == 3, result.stderr
+    assert f"the API cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "api.enabled: false" in result.stderr
+    assert pool.store.nodes() == []

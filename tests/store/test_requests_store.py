@@ -1,0 +1,126 @@
+"""Node-set request queries, job start, tokens and history, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from freshpool.service import tokens
+from freshpool.states import InvalidTransition, NodeState, RequestState
+from freshpool.store import StaleState, Store
+from tests.store.pg import TempPostgres
+from tests.store.test_store import ready_node
+
+N = NodeState
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[TempPostgres]:
+    server = TempPostgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s = Store.open(tmp_path)
+    else:
+        s = Store(request.getfixturevalue("postgres").new_database())
+    yield s
+    s.close()
+
+
+def test_a_set_is_released_together_and_never_half(store: Store) -> None:
+    for _ in range(3):
+        ready_node(store)
+    request = store.new_request(["l", "l", "l"], tenant="t")
+    nodes = store.fulfil(request.id, ["p"])
+    assert nodes is not None
+    released = store.release_set(nodes[1].id, "job done")
+    assert sorted(n.id for n in released) == sorted(n.id for n in nodes)
+    assert {store.node(n.id).state for n in nodes} == {N.USED}
+    with pytest.raises(InvalidTransition):
+        store.release_set(nodes[0].id, "again")
+    with pytest.raises(StaleState):
+        store.release_request(request.id, "again")
+
+
+def test_cancel_deletes_what_a_request_holds(store: Store) -> None:
+    ready_node(store)
+    pending = store.new_request(["l", "l"], tenant="t")
+    assert store.fulfil(pending.id, ["p"]) is None
+    row, deleted = store.cancel_request(pending.id, "changed my mind")
+    assert (row.state, deleted) == (RequestState.CANCELLED, [])
+    # Cancelling twice changes nothing.
+    assert store.cancel_request(pending.id, "again")[0].state == RequestState.CANCELLED
+
+    taken = store.new_request(["l"], tenant="t")
+    (node,) = store.fulfil(taken.id, ["p"]) or []
+    row, deleted = store.cancel_request(taken.id, "job aborted")
+    assert row.state == RequestState.CANCELLED
+    assert [(n.id, n.state) for n in deleted] == [(node.id, N.DELETING)]
+    steps = [e.to_state for e in store.events(node.id)]
+    assert steps == [N.BUILDING, N.TESTING, N.READY, N.IN_USE, N.DELETING]
+
+    failed = store.new_request(["l"], tenant="t")
+    store.finish_request(failed.id, RequestState.FAILED, "deadline")
+    with pytest.raises(InvalidTransition):
+        store.cancel_request(failed.id, "too late")
+
+
+def test_a_node_runs_one_job(store: Store) -> None:
+    ready_node(store)
+    request = store.new_request(["l"], tenant="t")
+    (node,) = store.fulfil(request.id, ["p"]) or []
+    assert store.job_started_at(node.id) is None
+    started = store.start_job(node.id, "build 1")
+    assert started.state == N.IN_USE and started.reason == "job started: build 1"
+    assert store.job_started_at(node.id) is not None
+    with pytest.raises(StaleState, match="used once"):
+        store.start_job(node.id, "build 2")
+    store.release_set(node.id, "done")
+    with pytest.raises(StaleState, match="not in-use"):
+        store.start_job(node.id, "build 3")
+
+
+def test_ready_counts_and_pending_queue(store: Store) -> None:
+    ready_node(store, label="a")
+    ready_node(store, label="a")
+    ready_node(store, label="b")
+    first = store.new_request(["a"], tenant="x")
+    second = store.new_request(["b"], tenant="y")
+    assert store.ready_by_label() == {"a": 2, "b": 1}
+    assert [r.id for r in store.pending_requests()] == [first.id, second.id]
+    assert store.pending_by_tenant() == {"x": 1, "y": 1}
+    assert [r.id for r in store.list_requests(tenant="y")] == [second.id]
+
+
+def test_tokens_keep_only_a_digest(store: Store) -> None:
+    row, secret = tokens.create(store, "ci", "for tests")
+    assert row.digest == tokens.digest(secret) and secret not in row.digest
+    checker = tokens.TokenChecker(store, remember=0)
+    assert checker.check(secret).tenant == "ci"  # type: ignore[union-attr]
+    assert checker.check(secret + "x") is None
+    store.revoke_token(row.id)
+    assert checker.check(secret) is None
+    assert store.tokens()[0].last_used_at is not None
+    with pytest.raises(tokens.BadTenant):
+        tokens.create(store, "Not A Tenant")
+
+
+def test_history_reads_only_what_is_new(store: Store) -> None:
+    node_id = ready_node(store)
+    events = store.events_after(0)
+    assert [(e.node_id, e.to_state, e.label) for e in events] == [
+        (node_id, N.BUILDING, "l"),
+        (node_id, N.TESTING, "l"),
+        (node_id, N.READY, "l"),
+    ]
+    assert store.events_after(events[-1].id) == []
+    assert store.last_event_before(0) == events[0].id - 1
+    request = store.new_request(["l"])
+    assert [r.id for r in store.requests_from(request.id)] == [request.id]
+    assert store.last_request_id() == request.id
