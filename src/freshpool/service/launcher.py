@@ -598,8 +598,9 @@ class Launcher:
             )
         else:
             message = (
-                f"label {label.name}: image {label.image!r} has no ready build;"
-                f" run `freshpool image build {label.image}`"
+                f"label {label.name}: image {label.image!r} has no ready build yet"
+                " (`serve` builds it unless started with --no-build; or run"
+                f" `freshpool image build {label.image}`)"
             )
         self._warn_once(f"image:{label.image}:{bool(building)}", message)
 
