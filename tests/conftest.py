@@ -13,6 +13,7 @@ from freshpool.config import Image
 from freshpool.config import load as load_config
 from freshpool.images.build import build_cached
 from freshpool.store import Store
+from tests.store.pg import TempPostgres
 from tests.support import Pool, destroy_cluster, pool_yaml, register_test_image
 
 TEST_IMAGE = Image(name="debian-bookworm", packages=["python3"], prefetch=["make"])
@@ -53,3 +54,11 @@ def make_pool(tmp_path: Path, image_build_dir: Path) -> Iterator[Callable[..., P
     for pool in made:
         destroy_cluster(pool.config, pool.store)
         pool.store.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TempPostgres]:
+    """One throwaway PostgreSQL server per test session (unix socket only)."""
+    server = TempPostgres()
+    yield server
+    server.stop()

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from freshpool.config import load
 from freshpool.drivers.base import load_driver
@@ -17,13 +14,6 @@ from freshpool.states import BuildState
 from freshpool.store import Store
 from tests.store.pg import TempPostgres
 from tests.support import run_until
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[TempPostgres]:
-    server = TempPostgres()
-    yield server
-    server.stop()
 
 
 def test_acquire_release_list_on_postgres(tmp_path: Path, postgres: TempPostgres) -> None:

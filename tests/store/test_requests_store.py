@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from freshpool.service import tokens
 from freshpool.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
-from tests.store.pg import TempPostgres
 from tests.store.test_store import ready_node
 
 N = NodeState
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[TempPostgres]:
-    server = TempPostgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store.open(tmp_path)
-    else:
-        s = Store(request.getfixturevalue("postgres").new_database())
-    yield s
-    s.close()
 
 
 def test_a_set_is_released_together_and_never_half(store: Store) -> None:

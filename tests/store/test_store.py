@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,27 +9,8 @@ from sqlalchemy import inspect
 
 from freshpool.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
-from tests.store.pg import TempPostgres
 
 N = NodeState
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[TempPostgres]:
-    server = TempPostgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """Every store test runs on the embedded SQLite and on a real PostgreSQL server."""
-    if request.param == "sqlite":
-        s = Store.open(tmp_path)
-    else:
-        s = Store(request.getfixturevalue("postgres").new_database())
-    yield s
-    s.close()
 
 
 def ready_node(store: Store, label: str = "l", provider: str = "p") -> int:
