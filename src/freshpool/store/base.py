@@ -8,9 +8,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, Table, insert, select, update
 
 from freshpool.store import db
 from freshpool.store.schema import meta
@@ -62,6 +62,17 @@ class ChangeWatcher:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+
+def compare_and_set(
+    conn: Connection, table: Table, row_id: object, expect: str, values: dict[str, Any]
+) -> bool:
+    """`UPDATE table SET ... WHERE id=? AND state=?`: the one way any row changes state.
+
+    True if the row was in `expect` and is now changed; False if someone moved it first.
+    """
+    query = update(table).where(table.c.id == row_id, table.c.state == expect).values(**values)
+    return conn.execute(query).rowcount == 1
 
 
 class StoreBase:

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, func, insert, select, update
 
 from freshpool import states
 from freshpool.states import BuildState, UploadState
-from freshpool.store.base import NotFound, StaleState, StoreBase
+from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
 from freshpool.store.schema import image_builds, images, nodes, uploads
 
 
@@ -151,12 +151,7 @@ class BuildQueries(StoreBase):
         if manifest is not None:
             values["manifest"] = manifest
         with self._write() as conn:
-            changed = conn.execute(
-                update(image_builds)
-                .where(image_builds.c.id == build_id, image_builds.c.state == expect)
-                .values(**values)
-            ).rowcount
-            if changed != 1:
+            if not compare_and_set(conn, image_builds, build_id, expect, values):
                 raise StaleState(f"image build {build_id} is not {expect}")
             return _build(conn, build_id)
 

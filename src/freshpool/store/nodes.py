@@ -12,7 +12,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 
 from freshpool import states
 from freshpool.states import NodeState
-from freshpool.store.base import NotFound, StaleState, StoreBase
+from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
 from freshpool.store.schema import node_events, nodes
 
 
@@ -245,12 +245,9 @@ def _transition(
     now = time.time()
     if to == NodeState.READY:
         values = {**values, "ready_at": now}
-    changed = conn.execute(
-        update(nodes)
-        .where(nodes.c.id == node_id, nodes.c.state == expect)
-        .values(state=to, state_at=now, reason=reason, **values)
-    ).rowcount
-    if changed != 1:
+    if not compare_and_set(
+        conn, nodes, node_id, expect, {"state": to, "state_at": now, "reason": reason, **values}
+    ):
         current = conn.scalar(select(nodes.c.state).where(nodes.c.id == node_id))
         raise StaleState(f"node {node_id} is {current or 'gone'}, not {expect}")
     _event(conn, node_id, expect, to, reason, now)

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, and_, insert, or_, select, update
 
 from freshpool import states
 from freshpool.states import NodeState, RequestState
-from freshpool.store.base import NotFound, StaleState, StoreBase
+from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
 from freshpool.store.nodes import NodeRow, _pick_ready, _transition
 from freshpool.store.schema import requests
 
@@ -88,12 +88,8 @@ class RequestQueries(StoreBase):
         states.check_request(RequestState.PENDING, to)
         now = time.time()
         with self._write() as conn:
-            changed = conn.execute(
-                update(requests)
-                .where(requests.c.id == request_id, requests.c.state == RequestState.PENDING)
-                .values(state=to, reason=reason, state_at=now)
-            ).rowcount
-            if changed != 1:
+            values = {"state": to, "reason": reason, "state_at": now}
+            if not compare_and_set(conn, requests, request_id, RequestState.PENDING, values):
                 raise StaleState(f"request {request_id} is no longer pending")
             return _request(conn, request_id)
 

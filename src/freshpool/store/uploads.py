@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select
 
 from freshpool import states
 from freshpool.states import UploadState
-from freshpool.store.base import StaleState, StoreBase
+from freshpool.store.base import StaleState, StoreBase, compare_and_set
 from freshpool.store.schema import uploads
 
 
@@ -53,12 +53,7 @@ class UploadQueries(StoreBase):
         states.check_upload(expect, to)
         values.update(state=to, reason=reason, state_at=time.time())
         with self._write() as conn:
-            changed = conn.execute(
-                update(uploads)
-                .where(uploads.c.id == upload_id, uploads.c.state == expect)
-                .values(**values)
-            ).rowcount
-            if changed != 1:
+            if not compare_and_set(conn, uploads, upload_id, expect, values):
                 raise StaleState(f"image upload {upload_id} is not {expect}")
             return _upload(conn, upload_id)
 
