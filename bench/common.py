@@ -6,14 +6,17 @@ import json
 import os
 import platform
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from freshpool.config import Config, Image, parse
 from freshpool.drivers.base import load_driver
 from freshpool.images.build import build_cached
 from freshpool.service.launcher import Launcher
+from freshpool.service.scheduler import Scheduler
 from freshpool.states import BuildState
 from freshpool.store import Store
 
@@ -98,8 +101,6 @@ images:
 
     def run_until(self, done: Callable[[], bool], timeout: float = 600) -> float:
         """Run the launcher as `serve` does (passes plus its own sleeps) until done()."""
-        import threading
-
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
         stop = threading.Event()
@@ -113,6 +114,28 @@ images:
         finally:
             watcher.close()
         return time.perf_counter() - started
+
+    @contextmanager
+    def serving(self) -> Iterator[Scheduler]:
+        """The launcher and the scheduler on threads of their own, as `serve` runs them."""
+        self.store.checkpoint_in_background()
+        scheduler = Scheduler(self.config, self.store, short=self.launcher.wake)
+        self.launcher.add_pass(scheduler.launcher_pass)
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=self.launcher.run, args=(stop,), daemon=True),
+            threading.Thread(target=scheduler.run, args=(stop,), daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            if not scheduler.started.wait(30):
+                raise RuntimeError("the launcher made no pass within 30 s")
+            yield scheduler
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
 
     def destroy(self) -> None:
         for driver in self.drivers.values():

@@ -16,6 +16,8 @@ import psutil
 
 from bench.common import BenchPool, local_provider, percentile, sim_providers, test_image
 from freshpool.service import handoff
+from freshpool.service.scheduler import Scheduler
+from freshpool.store import NewRequest
 
 Figures = dict[str, float]
 
@@ -31,24 +33,36 @@ def handoff_in_process(
 
 
 def _handoff(root: Path, count: int, per_client: int) -> Figures:
+    """Clients ask the scheduler in-process, as the API's handlers do, with `serve`'s
+    launcher and scheduler threads running; each call returns with the node handed over.
+
+    The pool is at its provider's max-nodes, so the launcher makes its passes (woken
+    by every hand-out) but launches no replacements: this times the hand-out, not
+    the refill (fill and burst time that).
+    """
     total = count * per_client
-    pool = BenchPool(root, f"handoff-{count}", sim_providers(1, total + 10), total)
+    pool = BenchPool(root, f"handoff-{count}", sim_providers(1, total), total)
     samples: list[float] = []
     lock = threading.Lock()
 
-    def client(_: int) -> None:
+    def client(scheduler: Scheduler) -> None:
         for _ in range(per_client):
             started = time.perf_counter()
-            handoff.acquire(pool.config, pool.store, ["debian"], timeout=10)
+            ask = NewRequest(("debian",), requestor="bench", deadline=time.time() + 10)
+            row, nodes = scheduler.acquire(ask, timeout=10)
+            took = (time.perf_counter() - started) * 1000
+            if row.state != "fulfilled" or len(nodes) != 1:
+                raise RuntimeError(f"request {row.id} is {row.state}: {row.reason}")
             with lock:
-                samples.append((time.perf_counter() - started) * 1000)
+                samples.append(took)
 
     try:
         pool.run_until(lambda: pool.ready() >= total)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=count) as workers:
-            list(workers.map(client, range(count)))
-        wall = time.perf_counter() - started
+        with pool.serving() as scheduler:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=count) as workers:
+                list(workers.map(lambda _: client(scheduler), range(count)))
+            wall = time.perf_counter() - started
     finally:
         pool.destroy()
     return {
@@ -162,43 +176,30 @@ def run_true(root: Path, runs: int = 10) -> Figures:
 def burst(root: Path, warm: int = 50, requests: int = 200) -> Figures:
     """200 requests at once against a 50-node warm pool (sim, zero latency).
 
-    Requests go through the scheduler, as API requests do: one thread orders and
-    fulfils them while the launcher refills the pool.
+    Requests go to the scheduler as API requests do, all submitted at once: it
+    orders and fulfils them while the launcher refills the pool.
     """
-    from freshpool.service.scheduler import Scheduler
-
     pool = BenchPool(root, "burst", sim_providers(1, requests + warm), warm)
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
     try:
         pool.run_until(lambda: pool.ready() >= warm)
-        scheduler = Scheduler(pool.config, pool.store, short=pool.launcher.wake)
-        pool.launcher.add_pass(scheduler.launcher_pass)
-        threads += [
-            threading.Thread(target=pool.launcher.run, args=(stop,), daemon=True),
-            threading.Thread(target=scheduler.run, args=(stop,), daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
-        scheduler.started.wait(10)
-        started = time.perf_counter()
-        ids = []
-        for _ in range(requests):
-            ids.append(pool.store.new_request(["debian"], requestor="bench").id)
-            scheduler.poke()
-        while pool.store.pending_requests():
-            time.sleep(0.002)
-        wall = time.perf_counter() - started
-        while pool.ready() < warm:
-            time.sleep(0.005)
-        refill = time.perf_counter() - started
+        with pool.serving() as scheduler:
+            started = time.perf_counter()
+            deadline = time.time() + 60
+            asked = [
+                scheduler.submit(NewRequest(("debian",), requestor="bench", deadline=deadline))
+                for _ in range(requests)
+            ]
+            ids = [future.result(60)[0].id for future in asked]
+            while pool.store.pending_requests():
+                time.sleep(0.002)
+            wall = time.perf_counter() - started
+            while pool.ready() < warm:
+                time.sleep(0.005)
+            refill = time.perf_counter() - started
         done = [pool.store.request(i) for i in ids]
         waits = [r.fulfilled_at - r.created_at for r in done if r.fulfilled_at]
         fulfilled = len(waits)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
         pool.destroy()
     return {
         "burst_wall_s": round(wall, 3),

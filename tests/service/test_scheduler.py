@@ -8,6 +8,9 @@ these tests slow without testing anything more of the order).
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 from freshpool.config import Config, parse
 from freshpool.service.scheduler import FairShare, Scheduler
 from freshpool.states import NodeState, RequestState
-from freshpool.store import RequestRow, Store
+from freshpool.store import NewRequest, RequestRow, Store
 
 N = NodeState
 
@@ -48,8 +51,13 @@ def make_ready(store: Store, label: str, count: int = 1) -> None:
 
 
 def fulfilment_order(store: Store) -> list[int]:
+    """Requests in the order they were served. One pass serves many at the same instant;
+    within a pass the scheduler's order shows in the nodes: each takes the oldest left."""
     done = store.list_requests(states_in=[RequestState.FULFILLED], limit=10_000)
-    return [r.id for r in sorted(done, key=lambda r: (r.fulfilled_at, r.id))]
+    first_node = {
+        i: min(n.id for n in ns) for i, ns in store.request_nodes([r.id for r in done]).items()
+    }
+    return [r.id for r in sorted(done, key=lambda r: (r.fulfilled_at, first_node[r.id]))]
 
 
 def row(id: int, tenant: str, priority: int = 0, size: int = 1) -> RequestRow:
@@ -172,3 +180,103 @@ def test_every_node_goes_to_exactly_one_request(tmp_path: Path, store: Store) ->
         if store.request(r.id).state == RequestState.FULFILLED:
             assert len(handed[r.id]) == len(r.labels)
             assert all(n.state == N.IN_USE and n.tenant == r.tenant for n in handed[r.id])
+
+
+# ------------------------------------------------------- submitting to the scheduler
+
+
+def running(scheduler: Scheduler) -> tuple[threading.Event, threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run, args=(stop,), daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def test_submitted_requests_share_passes_and_each_gets_its_own_answer(
+    tmp_path: Path, store: Store
+) -> None:
+    scheduler = Scheduler(config(tmp_path), store)
+    make_ready(store, "small", 5)
+    asked = [
+        scheduler.submit(NewRequest(("small",), requestor=f"job-{i}", tenant=f"t{i % 2}"))
+        for i in range(8)
+    ]
+    scheduler.run_pass()  # one pass takes all eight
+    outcomes = [f.result(0) for f in asked]
+    assert [row.requestor for row, _ in outcomes] == [f"job-{i}" for i in range(8)]
+    assert Counter(row.state for row, _ in outcomes) == {"fulfilled": 5, "pending": 3}
+    for row, nodes in outcomes:
+        assert len(nodes) == (1 if row.state == "fulfilled" else 0)
+        assert all(n.request_id == row.id and n.tenant == row.tenant for n in nodes)
+
+
+def test_acquire_waits_for_a_node_that_becomes_ready(tmp_path: Path, store: Store) -> None:
+    scheduler = Scheduler(config(tmp_path), store)
+    stop, thread = running(scheduler)
+    try:
+        scheduler.started.set()
+        got: list[tuple[RequestRow, list]] = []
+        asking = threading.Thread(
+            target=lambda: got.append(scheduler.acquire(NewRequest(("small",)), timeout=20))
+        )
+        asking.start()
+        deadline = time.monotonic() + 10
+        while not store.pending_requests():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        make_ready(store, "small")
+        scheduler.poke()
+        asking.join(20)
+        ((row, nodes),) = got
+        assert row.state == RequestState.FULFILLED and len(nodes) == 1
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_before_the_launchers_first_pass_requests_are_queued_not_served(
+    tmp_path: Path, store: Store
+) -> None:
+    scheduler = Scheduler(config(tmp_path), store)
+    make_ready(store, "small")
+    stop, thread = running(scheduler)
+    try:
+        row, nodes = scheduler.submit(NewRequest(("small",))).result(10)
+        assert (row.state, nodes) == (RequestState.PENDING, [])
+        scheduler.launcher_pass()  # the launcher has recovered: serve now
+        deadline = time.monotonic() + 10
+        while store.request(row.id).state == RequestState.PENDING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert store.request(row.id).state == RequestState.FULFILLED
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_a_cli_acquire_served_by_a_running_scheduler_gets_its_nodes(
+    tmp_path: Path, store: Store
+) -> None:
+    """`freshpool acquire` on the store while `serve` runs: whoever claims, the CLI gets it."""
+    from freshpool.service import handoff
+    from freshpool.states import BuildState
+
+    cfg = config(tmp_path)
+    build = store.new_build("b", "img", str(tmp_path))
+    store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "test")
+    scheduler = Scheduler(cfg, Store.open(tmp_path))
+    got: list = []
+    asking = threading.Thread(
+        target=lambda: got.append(handoff.acquire(cfg, store, ["small"], timeout=20))
+    )
+    asking.start()
+    deadline = time.monotonic() + 10
+    while not store.pending_requests():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    make_ready(store, "small")
+    scheduler.run_pass()  # serve's scheduler claims it before the CLI looks again
+    asking.join(20)
+    ((node,),) = got
+    assert node.state == NodeState.IN_USE
+    scheduler.store.close()

@@ -14,7 +14,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import Field, create_model
-from starlette.concurrency import run_in_threadpool
 
 from freshpool.api.auth import Caller, Reader, Svc, Writer
 from freshpool.api.models import ErrorOut, NodeOut, Number, RequestOut, TenantName, _In
@@ -120,13 +119,12 @@ def router(labels: list[str], most: int) -> APIRouter:
     @api.post(
         "",
         status_code=status.HTTP_201_CREATED,
+        response_model=RequestOut,
         summary="Ask for a node set",
         description="Queues the request and, with `wait`, holds the call until it is"
         " fulfilled or failed (or `wait` runs out; then it is still pending).",
     )
-    async def create(
-        svc: Svc, who: Writer, body: RequestIn, response: Response, wait: Wait = 0
-    ) -> RequestOut:
+    async def create(svc: Svc, who: Writer, body: RequestIn, wait: Wait = 0) -> Response:
         tenant = body.tenant or who.tenant
         if tenant != who.tenant and not who.admin:
             raise HTTPException(
@@ -142,22 +140,31 @@ def router(labels: list[str], most: int) -> APIRouter:
                     for p in problems
                 ],
             )
-        row = await run_in_threadpool(
-            nodesets.submit,
-            svc.config,
-            svc.store,
-            body.labels,
-            requestor=body.requestor,
-            tenant=tenant,
-            priority=body.priority,
-            timeout=body.timeout,
+        # The scheduler stores it with its next pass and, when the pool has the set
+        # ready, hands it over in the same transaction (and wakes the launcher if not).
+        row, nodes = await svc.scheduler.submit_async(
+            nodesets.new_request(
+                svc.config,
+                body.labels,
+                requestor=body.requestor,
+                tenant=tenant,
+                priority=body.priority,
+                timeout=body.timeout,
+            )
         )
-        # The scheduler serves it from ready nodes, and wakes the launcher if there are none.
-        svc.scheduler.poke()
-        response.headers["Location"] = f"/requests/{row.id}"
-        if wait > 0:
+        if wait > 0 and row.state == RequestState.PENDING:
             row = await wait_for(svc, row.id, wait)
-        return request_out(svc, who, row)
+            answer = request_out(svc, who, row)
+        else:
+            answer = RequestOut.of(row, [out(who, n) for n in nodes])
+        # The model is built by us and serialised once by pydantic; FastAPI would
+        # validate it again against the response model, the dearest step of a call.
+        return Response(
+            answer.model_dump_json(),
+            status_code=status.HTTP_201_CREATED,
+            media_type="application/json",
+            headers={"Location": f"/requests/{row.id}"},
+        )
 
     @api.get("", summary="List requests, newest first")
     def list_requests(

@@ -48,6 +48,7 @@ def start(config: Config, store: Store, launcher: Launcher, port: int | None = N
 
     Raises server.ListenError when the API cannot listen; nothing has started then.
     """
+    store.checkpoint_in_background()
     # The scheduler hands out what is ready and wakes the launcher for what is not.
     scheduler = Scheduler(config, store, short=launcher.wake)
     observer = Observer(store, leaks=lambda: int(getattr(launcher, "leaks_found", 0)))

@@ -52,8 +52,9 @@ class _Store:
         target = str(path) if path else ":memory:"
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
-                                   timeout=30)
+        self._db = sqlite3.connect(
+            target, isolation_level=None, check_same_thread=False, timeout=30
+        )
         self._lock = threading.Lock()
         if path:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -76,20 +77,25 @@ class _Store:
 
     def exists(self, external_id: str) -> bool:
         with self._lock:
-            row = self._db.execute("SELECT 1 FROM instances WHERE external_id = ?",
-                                   (external_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT 1 FROM instances WHERE external_id = ?", (external_id,)
+            ).fetchone()
         return row is not None
 
     def count(self, provider: str) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM instances WHERE provider = ?",
-                                        (provider,)).fetchone()[0])
+            return int(
+                self._db.execute(
+                    "SELECT count(*) FROM instances WHERE provider = ?", (provider,)
+                ).fetchone()[0]
+            )
 
     def listing(self, cluster: str, provider: str) -> list[tuple[str, int, str]]:
         with self._lock:
             return self._db.execute(
                 "SELECT external_id, node_id, build FROM instances"
-                " WHERE cluster = ? AND provider = ? ORDER BY node_id", (cluster, provider)
+                " WHERE cluster = ? AND provider = ? ORDER BY node_id",
+                (cluster, provider),
             ).fetchall()
 
 
@@ -140,13 +146,15 @@ class SimDriver(Driver):
             yield latency
         s = self.settings
         if s.quota is not None and self._cloud.count(self.provider.name) >= s.quota:
-            raise QuotaExceeded(f"provider {self.provider.name}: quota of {s.quota} instances"
-                                " reached")
+            raise QuotaExceeded(
+                f"provider {self.provider.name}: quota of {s.quota} instances reached"
+            )
         if roll < s.failure_rate:
             if rng.random() < s.leak_on_failure:
                 self._cloud.add(external_id, spec.tags, self.provider.name)
-            raise DriverError(f"provider {self.provider.name}: create of {external_id} failed"
-                              " (simulated)")
+            raise DriverError(
+                f"provider {self.provider.name}: create of {external_id} failed (simulated)"
+            )
         self._cloud.add(external_id, spec.tags, self.provider.name)
         if roll < s.failure_rate + s.timeout_rate:
             yield from self._hang()
@@ -162,8 +170,9 @@ class SimDriver(Driver):
             yield latency
         s = self.settings
         if roll < s.failure_rate:
-            raise DriverError(f"provider {self.provider.name}: delete of {external_id} failed"
-                              " (simulated)")
+            raise DriverError(
+                f"provider {self.provider.name}: delete of {external_id} failed (simulated)"
+            )
         if roll < s.failure_rate + s.timeout_rate:
             yield from self._hang()
         if roll < s.failure_rate + s.timeout_rate + s.lie_rate:
@@ -171,27 +180,34 @@ class SimDriver(Driver):
         self._cloud.remove(external_id)
 
     def list_instances(self) -> list[Instance]:
-        return [self._instance(external_id, Tags(self.cluster, node_id, build))
-                for external_id, node_id, build in
-                self._cloud.listing(self.cluster, self.provider.name)]
+        return [
+            self._instance(external_id, Tags(self.cluster, node_id, build))
+            for external_id, node_id, build in self._cloud.listing(self.cluster, self.provider.name)
+        ]
 
-    def run_command(self, external_id: str, access: SshAccess | None, command: str,
-                    timeout: float) -> CommandResult:
+    def run_command(
+        self, external_id: str, access: SshAccess | None, command: str, timeout: float
+    ) -> CommandResult:
         return _SimCommand(self, external_id, self._dice())
 
     def _instance(self, external_id: str, tags: Tags) -> Instance:
-        access = SshAccess(host=f"{external_id}.sim.invalid", port=22, user="root",
-                           key_path="", known_hosts_path="")
-        return Instance(external_id, tags, alive=True, access=access,
-                        details={"simulated": True})
+        access = SshAccess(
+            host=f"{external_id}.sim.invalid",
+            port=22,
+            user="root",
+            key_path="",
+            known_hosts_path="",
+        )
+        return Instance(external_id, tags, alive=True, access=access, details={"simulated": True})
 
 
 class _SimCommand(StepOperation[int], CommandResult):
     def __init__(self, driver: SimDriver, external_id: str, rng: random.Random) -> None:
         super().__init__(self._steps(driver, external_id, rng))
 
-    def _steps(self, driver: SimDriver, external_id: str,
-               rng: random.Random) -> Generator[float, None, int]:
+    def _steps(
+        self, driver: SimDriver, external_id: str, rng: random.Random
+    ) -> Generator[float, None, int]:
         roll = rng.random()
         latency = driver._latency(rng)
         if latency:

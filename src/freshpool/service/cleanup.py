@@ -33,14 +33,16 @@ class LeakSweeper:
     _unknown: dict[str, set[str]] = field(default_factory=dict)
     _missing: dict[str, set[int]] = field(default_factory=dict)
 
-    def sweep(self, provider: str, instances: list[Instance], rows: list[NodeRow],
-              busy: set[int]) -> SweepResult:
+    def sweep(
+        self, provider: str, instances: list[Instance], rows: list[NodeRow], busy: set[int]
+    ) -> SweepResult:
         """`busy` are node ids with an operation in flight; they are left alone."""
         listed = {i.tags.node_id: i for i in instances if i.tags is not None}
         known = {row.id for row in rows}
         result = SweepResult()
-        unknown_now = {i.external_id for i in instances
-                       if i.tags is None or i.tags.node_id not in known}
+        unknown_now = {
+            i.external_id for i in instances if i.tags is None or i.tags.node_id not in known
+        }
         before = self._unknown.get(provider, set())
         result.leaked = [i for i in instances if i.external_id in unknown_now & before]
         self._unknown[provider] = unknown_now - {i.external_id for i in result.leaked}

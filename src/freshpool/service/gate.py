@@ -18,8 +18,9 @@ log = logging.getLogger("freshpool.gate")
 
 
 class ProviderGate:
-    def __init__(self, provider: Provider, clock: Callable[[], float] = time.monotonic,
-                 cap: float = 600.0) -> None:
+    def __init__(
+        self, provider: Provider, clock: Callable[[], float] = time.monotonic, cap: float = 600.0
+    ) -> None:
         self.name = provider.name
         self.rate = provider.rate
         self.burst = max(1.0, provider.rate)
@@ -67,9 +68,13 @@ class ProviderGate:
         self._failures += 1
         if self._failures < self.threshold:
             return
-        pause = min(self.cap, self.cooldown * 2 ** self._trips)
+        pause = min(self.cap, self.cooldown * 2**self._trips)
         self._trips += 1
         self._failures = self.threshold - 1  # the trial call after the pause decides
         self.open_until = self._clock() + pause
-        log.warning("provider %s: paused for %.0f s after repeated failures (last: %s)",
-                    self.name, pause, why)
+        log.warning(
+            "provider %s: paused for %.0f s after repeated failures (last: %s)",
+            self.name,
+            pause,
+            why,
+        )

@@ -10,7 +10,7 @@ import time
 from freshpool import crashpoints
 from freshpool.config import Config
 from freshpool.states import NodeState, RequestState
-from freshpool.store import NodeRow, StaleState, Store
+from freshpool.store import NewRequest, NodeRow, StaleState, Store, first_fit_for
 
 
 class AcquireTimeout(Exception):
@@ -39,32 +39,48 @@ def acquire(
             )
     providers = [p.name for p in config.providers if all(p.serves(name) for name in labels)]
     deadline = time.time() + timeout
-    request = store.new_request(labels, requestor=who or requestor(), deadline=deadline)
+    new = NewRequest(tuple(labels), requestor=who or requestor(), deadline=deadline)
     watcher = store.change_watcher()
     try:
-        while True:
-            try:
-                got = store.fulfil(request.id, providers)
-            except StaleState:
-                raise AcquireTimeout(_why_not(store, request.id, labels, timeout)) from None
-            if got is not None:
-                crashpoints.point("handoff")
-                return got
+        # Queue the request and, when the pool has the set, claim it: one transaction.
+        done = store.hand_out(
+            [new], lambda q: first_fit_for(set(q.created), providers)(q), providers
+        )
+        request_id = done.created[0].id
+        got: list[NodeRow] | None = done.nodes_of(request_id) or None
+        while got is None:
             if time.time() >= deadline:
                 try:
                     store.finish_request(
-                        request.id, RequestState.FAILED, f"no ready node within {timeout:g} s"
+                        request_id, RequestState.FAILED, f"no ready node within {timeout:g} s"
                     )
                 except StaleState:
-                    continue  # fulfilled or failed meanwhile: look once more
-                raise AcquireTimeout(_why_not(store, request.id, labels, timeout))
-            # Wait for another process to commit something (a node turning ready),
-            # checking a cheap change counter instead of re-running the claim.
-            wake = min(deadline, time.time() + 0.5)
-            while time.time() < wake and not watcher.changed():
-                time.sleep(0.01)
+                    pass  # settled meanwhile (by `serve`'s scheduler?): look once more
+                else:
+                    raise AcquireTimeout(_why_not(store, request_id, labels, timeout))
+            else:
+                # Wait for another process to commit something (a node turning ready),
+                # checking a cheap change counter instead of re-running the claim.
+                wake = min(deadline, time.time() + 0.5)
+                while time.time() < wake and not watcher.changed():
+                    time.sleep(0.01)
+            try:
+                got = store.fulfil(request_id, providers)
+            except StaleState:
+                got = _settled_elsewhere(store, request_id, labels, timeout)
+        crashpoints.point("handoff")
+        return got
     finally:
         watcher.close()
+
+
+def _settled_elsewhere(
+    store: Store, request_id: int, labels: list[str], timeout: float
+) -> list[NodeRow]:
+    """Our request left pending without us: `serve`'s scheduler may have served it."""
+    if store.request(request_id).state == RequestState.FULFILLED:
+        return store.request_nodes([request_id])[request_id]
+    raise AcquireTimeout(_why_not(store, request_id, labels, timeout))
 
 
 def _why_not(store: Store, request_id: int, labels: list[str], timeout: float) -> str:

@@ -44,6 +44,10 @@ from freshpool.states import (
 from freshpool.store import NodeRow, StaleState, Store
 from freshpool.store.builds import ServingBuild
 
+# The least time between the starts of two passes that a change or a wake asks for.
+CHANGE_GAP = 0.05
+CHANGE_SHARE = 0.2
+
 log = logging.getLogger("freshpool.launcher")
 N = NodeState
 
@@ -102,6 +106,8 @@ class Launcher:
         # the image keeper...), so one thread and one wake-up drive them all.
         self._passes: list[Callable[[], None]] = []
         self._woken = threading.Event()
+        self._last_pass = 0.0
+        self._last_took = 0.0
         self.gates = {p.name: ProviderGate(p) for p in config.providers if p.name in drivers}
         self.sweeper = LeakSweeper()
         self.leaks_found = 0
@@ -111,9 +117,13 @@ class Launcher:
         self._labels = {x.name: x for x in config.labels}
         self._next_periodic: dict[str, float] = {}
         self._shortest_limit = min(
-            (limit for label in config.labels for provider in config.providers
-             for state in timeouts.TIMED_STATES
-             if (limit := timeouts.limit(state, label, provider)) is not None),
+            (
+                limit
+                for label in config.labels
+                for provider in config.providers
+                for state in timeouts.TIMED_STATES
+                if (limit := timeouts.limit(state, label, provider)) is not None
+            ),
             default=0.0,
         )
 
@@ -148,17 +158,36 @@ class Launcher:
             # Demand was left unmet by a rate limit: come back when a call is allowed.
             wake = min(wake, now + min(self.gates[p].next_token_in() for p in self._throttled))
         # Poll the store's change counter (one cheap pragma) so a release or a new
-        # request from another process is acted on within milliseconds.
+        # request from another process is acted on within milliseconds. A change or
+        # a wake starts a pass no sooner than CHANGE_GAP after the last one began,
+        # and never so soon that passes take more than CHANGE_SHARE of the time:
+        # under a stream of hand-outs every commit is a change, and back-to-back
+        # passes would take half the process's time (the GIL) from the hand-outs.
+        soonest = self._last_pass + max(CHANGE_GAP, self._last_took / CHANGE_SHARE)
+        poked = False
         while not stop.is_set():
             now = time.monotonic()
-            if now >= wake or changed():
+            if now >= wake:
                 return
-            if self._woken.wait(min(0.02, wake - now)):
-                self._woken.clear()
-                return
+            if not poked:
+                poked = changed()
+                if not poked and self._woken.wait(min(0.02, wake - now)):
+                    self._woken.clear()
+                    poked = True
+            if poked:
+                if now >= soonest:
+                    return
+                stop.wait(min(soonest, wake) - now)
 
     def reconcile(self) -> None:
         """One pass: advance operations, delete what must go, launch what is missing."""
+        self._last_pass = time.monotonic()
+        try:
+            self._reconcile()
+        finally:
+            self._last_took = time.monotonic() - self._last_pass
+
+    def _reconcile(self) -> None:
         self._advance()
         self._expire_requests()
         self._enforce_timeouts()
@@ -443,8 +472,9 @@ class Launcher:
             return
         now = time.time()
         # Only rows older than the shortest limit anywhere can be overdue.
-        for row in self.store.in_state_since_before(timeouts.TIMED_STATES,
-                                                    now - self._shortest_limit):
+        for row in self.store.in_state_since_before(
+            timeouts.TIMED_STATES, now - self._shortest_limit
+        ):
             provider = self._providers.get(row.provider)
             label = self._labels.get(row.label)
             if provider is None or label is None:

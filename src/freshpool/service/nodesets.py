@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from freshpool.config import Config
-from freshpool.store import NodeRow, RequestRow, Store
+from freshpool.store import NewRequest, NodeRow, RequestRow, Store
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,19 @@ def check(config: Config, labels: Sequence[str]) -> list[Problem]:
     return []
 
 
-def submit(
+def new_request(
     config: Config,
-    store: Store,
     labels: Sequence[str],
     *,
     requestor: str,
     tenant: str,
     priority: int = 0,
     timeout: float | None = None,
-) -> RequestRow:
-    """Queue a request; the caller has run check(). Without a timeout the config's applies."""
+) -> NewRequest:
+    """A request to submit; the caller has run check(). Without a timeout the config's applies."""
     seconds = timeout if timeout is not None else config.request_timeout
-    return store.new_request(
-        labels,
+    return NewRequest(
+        tuple(labels),
         requestor=requestor,
         tenant=tenant,
         priority=priority,

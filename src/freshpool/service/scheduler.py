@@ -1,6 +1,6 @@
 """The request scheduler: hands pending requests their node sets by priority, fair share, age.
 
-It runs as a launcher pass, so one thread decides every hand-out and the order holds.
+One thread decides every hand-out, so the order holds.
 Within one priority (an integer; higher is served first) tenants share the pool by
 weight with start-time fair queuing: each tenant has a virtual clock that advances by
 nodes / weight when it is served, and the tenant with the earliest clock goes next, so
@@ -9,21 +9,40 @@ was idle rejoins at the current virtual time (idle time banks no credit). Within
 tenant, the oldest request goes first.
 
 A request that cannot be fulfilled now keeps its place: requests behind it may not take
-the ready nodes of the labels it waits for. Fulfilment itself is store.fulfil, one
-transaction per request.
+the ready nodes of the labels it waits for.
+
+A pass is one store.hand_out: the requests submitted since the last pass are queued
+and every request that can be served is handed its set, all in one transaction. Many
+clients asking at once therefore share a transaction instead of each waiting for the
+write lock in turn (group commit); that is what keeps a hand-out at a few ms under load.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import threading
+import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from functools import cache
 
 from freshpool.config import Config
 from freshpool.service.waiters import Waiters
-from freshpool.store import RequestRow, StaleState, Store
+from freshpool.states import RequestState
+from freshpool.store import (
+    HandOut,
+    NewRequest,
+    NodeRow,
+    Planner,
+    Queue,
+    RequestRow,
+    StaleState,
+    Store,
+    first_fit,
+    needs,
+)
 
 log = logging.getLogger("freshpool.scheduler")
 
@@ -75,6 +94,12 @@ class FairShare:
         return ordered
 
 
+# A request as the store has it after a pass, and the nodes handed to it (if any).
+Outcome = tuple[RequestRow, list[NodeRow]]
+# A hand-out that hits a concurrent claimer (PostgreSQL) is redone this often in one pass.
+HAND_OUT_TRIES = 3
+
+
 class Scheduler:
     def __init__(
         self,
@@ -93,10 +118,14 @@ class Scheduler:
         # One pass at a time, whichever thread runs it, so the order holds.
         self._passing = threading.Lock()
         self._poked = threading.Event()
-        # Set after the launcher's first pass: it has recovered and reconciled every provider.
+        self._inbox: list[tuple[NewRequest, Future[Outcome]]] = []
+        # Set after the launcher's first pass: it has recovered and reconciled every
+        # provider. Until then requests are queued but nothing is handed out.
         self.started = threading.Event()
+        self.providers_for = cache(self._providers_for)
+        self.providers = [p.name for p in config.providers]
 
-    def providers_for(self, labels: Sequence[str]) -> list[str]:
+    def _providers_for(self, labels: tuple[str, ...]) -> list[str]:
         """Providers that serve every label of a set (a set comes from one provider)."""
         return [p.name for p in self.config.providers if all(p.serves(x) for x in labels)]
 
@@ -106,17 +135,125 @@ class Scheduler:
         with self._lock:
             return self.fair.order(pending)
 
-    def run_pass(self) -> None:
-        """Serve what can be served now; tell waiters whose request changed."""
+    # -------------------------------------------------------------- asking
+
+    def submit(self, request: NewRequest) -> Future[Outcome]:
+        """Queue a request with the next pass; the future resolves once it is stored.
+
+        The outcome is the request fulfilled with its nodes when the pool had them,
+        else the request still pending (it keeps its place in the queue).
+        """
+        future: Future[Outcome] = Future()
+        with self._lock:
+            self._inbox.append((request, future))
+        self.poke()
+        return future
+
+    async def submit_async(self, request: NewRequest) -> Outcome:
+        return await asyncio.wrap_future(self.submit(request))
+
+    def acquire(self, request: NewRequest, timeout: float) -> Outcome:
+        """Submit and block until the request is no longer pending or `timeout` passes."""
+        give_up = time.monotonic() + timeout
+        row, nodes = self.submit(request).result(timeout)
+        if row.state != RequestState.PENDING:
+            return row, nodes
+        changed = self.waiters.watch_thread(row.id)
+        try:
+            while True:
+                changed.clear()
+                row = self.store.request(row.id)
+                left = give_up - time.monotonic()
+                if row.state != RequestState.PENDING or left <= 0:
+                    return row, self.store.request_nodes([row.id])[row.id]
+                changed.wait(left)
+        finally:
+            self.waiters.unwatch(row.id, changed)
+
+    # -------------------------------------------------------------- passes
+
+    def run_pass(self, serve: bool = True) -> None:
+        """Queue what was submitted, serve what can be served now, tell the waiters.
+
+        With `serve` false the submitted requests are only queued.
+        """
         with self._passing:
-            pending = self.store.pending_requests()
-            still_pending = {r.id for r in pending}
-            if pending:
-                still_pending -= self._serve(pending)
-            waiting = self.waiters.watched()
-            if waiting:
-                # Fulfilled here, failed by deadline, cancelled, or claimed by another process.
-                self.waiters.notify(waiting - still_pending)
+            with self._lock:
+                inbox, self._inbox = self._inbox, []
+            self._blocked = False
+            self._placed: list[int] = []
+            try:
+                done = self._hand_out([r for r, _ in inbox], self._plan if serve else _nothing)
+            except BaseException as error:
+                for _, future in inbox:
+                    future.set_exception(error)
+                raise
+            for (_, future), row in zip(inbox, done.created, strict=True):
+                future.set_result((row, done.nodes_of(row.id)))
+            self._after(done)
+
+    def _hand_out(self, new: list[NewRequest], plan: Planner) -> HandOut:
+        for attempt in range(HAND_OUT_TRIES):
+            try:
+                return self.store.hand_out(new, plan, self.providers)
+            except StaleState:
+                # Another claimer took a node between our read and our claim
+                # (PostgreSQL); the transaction rolled back whole. Look again.
+                if attempt == HAND_OUT_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _after(self, done: HandOut) -> None:
+        with self._lock:
+            for request_id in self._placed:
+                if request_id in done.fulfilled:
+                    self.fair.charge(done.fulfilled[request_id][0])
+        for request_id in self._placed:
+            if request_id in done.fulfilled:
+                request, nodes = done.fulfilled[request_id]
+                log.info(
+                    "request %s (%s, priority %d): nodes %s",
+                    request.id,
+                    request.tenant or "-",
+                    request.priority,
+                    ", ".join(str(n.id) for n in nodes),
+                )
+        waiting = self.waiters.watched()
+        if waiting:
+            # Fulfilled here, failed by deadline, cancelled, or claimed by another process.
+            self.waiters.notify(waiting - done.pending)
+        if self._blocked and self.short is not None:
+            # Some requests wait for nodes that are not ready: the launcher should look now.
+            self.short()
+
+    def _plan(self, queue: Queue) -> list[tuple[int, str]]:
+        """Placements for this pass, in fair-share order; runs inside the hand-out."""
+        ready = queue.ready
+        with self._lock:
+            ordered = self.fair.order(queue.pending)
+        free = Counter(ready)
+        total: Counter[str] = Counter()
+        for (_, label), n in ready.items():
+            total[label] += n
+        reserved: Counter[str] = Counter()
+        placements = []
+        for request in ordered:
+            labels = tuple(request.labels)
+            need = needs(labels)
+            provider = None
+            if all(total[x] - reserved[x] >= n for x, n in need):
+                provider = first_fit(labels, self.providers_for(labels), free)
+            if provider is None:
+                # Keep its place: nothing behind it takes the nodes it waits for.
+                reserved.update(dict(need))
+                continue
+            for label, n in need:
+                free[(provider, label)] -= n
+                total[label] -= n
+            placements.append((request.id, provider))
+        self._blocked = bool(reserved)
+        self._placed = [request_id for request_id, _ in placements]
+        return placements
 
     # -------------------------------------------- running beside the launcher
 
@@ -134,44 +271,19 @@ class Scheduler:
 
         A hand-out then waits for no launch, test or delete the launcher is advancing:
         with real nodes, a launcher pass that starts or tests nodes takes tens of ms.
-        The launcher pokes after each of its passes, the API on each new request.
+        The launcher pokes after each of its passes, submit() on each new request.
         """
         while not stop.is_set():
             if self._poked.wait(idle):
                 self._poked.clear()
-            if self.started.is_set():
-                self.run_pass()
+            try:
+                # Before the launcher's first pass, requests are queued but not served.
+                self.run_pass(serve=self.started.is_set())
+            except Exception:
+                # The submitters got the error; the next pass tries again.
+                log.exception("scheduler pass failed")
+                stop.wait(0.1)
 
-    def _serve(self, pending: list[RequestRow]) -> set[int]:
-        ready = self.store.ready_by_label()
-        reserved: Counter[str] = Counter()
-        served: set[int] = set()
-        with self._lock:
-            ordered = self.fair.order(pending)
-        for request in ordered:
-            need = Counter(request.labels)
-            if any(ready[x] - reserved[x] < n for x, n in need.items()):
-                # Keep its place: nothing behind it takes the nodes it waits for.
-                reserved.update(need)
-                continue
-            nodes = None
-            with contextlib.suppress(StaleState):
-                nodes = self.store.fulfil(request.id, self.providers_for(request.labels))
-            if nodes is None:
-                reserved.update(need)
-                continue
-            ready.subtract(need)
-            served.add(request.id)
-            with self._lock:
-                self.fair.charge(request)
-            log.info(
-                "request %s (%s, priority %d): nodes %s",
-                request.id,
-                request.tenant or "-",
-                request.priority,
-                ", ".join(str(n.id) for n in nodes),
-            )
-        if reserved and self.short is not None:
-            # Some requests wait for nodes that are not ready: the launcher should look now.
-            self.short()
-        return served
+
+def _nothing(_queue: Queue) -> list[tuple[int, str]]:
+    return []

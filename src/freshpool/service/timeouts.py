@@ -35,8 +35,9 @@ def limit(state: NodeState, label: Label, provider: Provider) -> float | None:
     }.get(state)
 
 
-def overdue(state: NodeState, seconds_in_state: float, label: Label,
-            provider: Provider) -> Overdue | None:
+def overdue(
+    state: NodeState, seconds_in_state: float, label: Label, provider: Provider
+) -> Overdue | None:
     allowed = limit(state, label, provider)
     if allowed is None or seconds_in_state <= allowed:
         return None

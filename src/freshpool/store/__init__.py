@@ -2,6 +2,17 @@
 
 from freshpool.store.base import ChangeWatcher, NotFound, StaleState
 from freshpool.store.builds import BuildQueries, BuildRow
+from freshpool.store.handout import (
+    HandOut,
+    HandOutQueries,
+    NewRequest,
+    Planner,
+    Queue,
+    Ready,
+    first_fit,
+    first_fit_for,
+    needs,
+)
 from freshpool.store.history import HistoryEvent, HistoryQueries
 from freshpool.store.nodes import EventRow, NodeQueries, NodeRow
 from freshpool.store.requests import RequestQueries, RequestRow
@@ -13,6 +24,7 @@ from freshpool.store.uploads import UploadQueries, UploadRow
 class Store(
     NodeQueries,
     RequestQueries,
+    HandOutQueries,
     BuildQueries,
     SchedulingQueries,
     HistoryQueries,
@@ -26,12 +38,20 @@ __all__ = [
     "BuildRow",
     "ChangeWatcher",
     "EventRow",
+    "HandOut",
     "HistoryEvent",
+    "NewRequest",
     "NodeRow",
     "NotFound",
+    "Planner",
+    "Queue",
+    "Ready",
     "RequestRow",
     "StaleState",
     "Store",
     "TokenRow",
     "UploadRow",
+    "first_fit",
+    "first_fit_for",
+    "needs",
 ]

@@ -78,7 +78,9 @@ def compare_and_set(
 class StoreBase:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = db.make_engine(url)
+        self._sqlite = db.SqliteSettings()
+        self._checkpointer: db.Checkpointer | None = None
+        self.engine = db.make_engine(url, self._sqlite)
         # Reads take a snapshot without the write lock (see db._tune_sqlite).
         self._reader = self.engine.execution_options(readonly=True)
         self._write_lock = threading.Lock()
@@ -91,7 +93,20 @@ class StoreBase:
         return cls(url or db.sqlite_url(state_dir))
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         self.engine.dispose()
+
+    def checkpoint_in_background(self) -> None:
+        """For a long-running server on SQLite: no commit stalls on a checkpoint; a thread
+        checkpoints instead (see db.SqliteSettings). Other backends need nothing."""
+        if self.engine.dialect.name != "sqlite" or self._checkpointer is not None:
+            return
+        self._sqlite.autocheckpoint = False
+        # Pooled connections were opened with checkpoints on; new ones get the setting.
+        self.engine.dispose()
+        self._checkpointer = db.Checkpointer(self.engine)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:

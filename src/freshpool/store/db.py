@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
@@ -12,13 +15,28 @@ from sqlalchemy import Engine, create_engine, event
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How often the background checkpointer folds the write-ahead log into the database.
+CHECKPOINT_EVERY = 1.0
+
+log = logging.getLogger("freshpool.store")
+
+
+@dataclass
+class SqliteSettings:
+    """Per-engine choices the connect hook applies to every new connection."""
+
+    # SQLite checkpoints on commit once the log passes 1000 pages: the commit that
+    # crosses it copies the log into the database and syncs it, a 10-20 ms stall on
+    # whichever hand-out happens to commit then. A long-running server turns that
+    # off and checkpoints on a thread of its own (Checkpointer).
+    autocheckpoint: bool = True
 
 
 def sqlite_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'freshpool.db'}"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, settings: SqliteSettings | None = None) -> Engine:
     if url.startswith("sqlite"):
         # Waiters each hold a connection to watch for changes; SQLite connections are
         # cheap, so the pool is allowed to grow rather than make waiters queue.
@@ -28,12 +46,12 @@ def make_engine(url: str) -> Engine:
             pool_size=10,
             max_overflow=500,
         )
-        _tune_sqlite(engine)
+        _tune_sqlite(engine, settings or SqliteSettings())
         return engine
     return create_engine(url, pool_pre_ping=True)
 
 
-def _tune_sqlite(engine: Engine) -> None:
+def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         # Take transaction control from the sqlite3 module, so "begin" below decides.
@@ -42,6 +60,8 @@ def _tune_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if not settings.autocheckpoint:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -71,3 +91,33 @@ def upgrade(engine: Engine) -> None:
             return
     with engine.begin() as conn:
         command.upgrade(_alembic_config(conn), "head")
+
+
+class Checkpointer:
+    """Folds SQLite's write-ahead log into the database every `every` seconds, off the
+    hot path: a PASSIVE checkpoint never blocks writers, and its disk syncs happen on
+    this thread, not in a hand-out's commit."""
+
+    def __init__(self, engine: Engine, every: float = CHECKPOINT_EVERY) -> None:
+        self._engine = engine
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = self._engine.raw_connection()
+        try:
+            while not self._stop.wait(self._every):
+                try:
+                    cur = conn.cursor()
+                    cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    cur.close()
+                except Exception:  # a full disk, say: the next round tries again
+                    log.warning("WAL checkpoint failed", exc_info=True)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -254,33 +254,5 @@ def _transition(
     return _node(conn, node_id)
 
 
-def _pick_ready(conn: Connection, provider: str, labels: Sequence[str]) -> list[int] | None:
-    """Distinct ready nodes of one provider, one per wanted label, oldest first."""
-    wanted = Counter(labels)
-    picked: list[int] = []
-    for label, count in wanted.items():
-        query = (
-            select(nodes.c.id)
-            .where(
-                nodes.c.provider == provider,
-                nodes.c.label == label,
-                nodes.c.state == NodeState.READY,
-            )
-            # Oldest node first. By id, not ready_at: the (state, label, provider) index
-            # yields rows in id order, so this needs no sort of every ready node (at
-            # thousands of ready nodes the sort was most of a hand-out's time).
-            .order_by(nodes.c.id)
-            .limit(count)
-            # PostgreSQL: concurrent claimers skip rows another transaction holds.
-            # SQLite ignores it; BEGIN IMMEDIATE already serialises writers there.
-            .with_for_update(skip_locked=True)
-        )
-        ids = list(conn.scalars(query))
-        if len(ids) < count:
-            return None
-        picked.extend(ids)
-    return picked
-
-
 def _node(conn: Connection, node_id: int) -> NodeRow:
     return NodeRow(**conn.execute(select(nodes).where(nodes.c.id == node_id)).one()._mapping)

@@ -7,12 +7,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, and_, insert, or_, select
 
 from freshpool import states
-from freshpool.states import NodeState, RequestState
+from freshpool.states import RequestState
 from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
-from freshpool.store.nodes import NodeRow, _pick_ready, _transition
 from freshpool.store.schema import requests
 
 
@@ -92,51 +91,6 @@ class RequestQueries(StoreBase):
             if not compare_and_set(conn, requests, request_id, RequestState.PENDING, values):
                 raise StaleState(f"request {request_id} is no longer pending")
             return _request(conn, request_id)
-
-    def fulfil(self, request_id: int, providers: Sequence[str]) -> list[NodeRow] | None:
-        """Hand a pending request one ready node per label, all from one provider, atomically.
-
-        Returns the nodes, or None when no provider has them all ready now. This is the
-        only way a node leaves `ready` for a job, and it is one transaction.
-        """
-        now = time.time()
-        with self._write() as conn:
-            request = _request(conn, request_id)
-            if request.state != RequestState.PENDING:
-                raise StaleState(f"request {request_id} is {request.state}, not pending")
-            for provider in providers:
-                picked = _pick_ready(conn, provider, request.labels)
-                if picked is None:
-                    continue
-                claimed = []
-                for node_id in picked:
-                    claimed.append(
-                        _transition(
-                            conn,
-                            node_id,
-                            NodeState.READY,
-                            NodeState.IN_USE,
-                            f"handed to request {request_id}",
-                            {"request_id": request_id, "tenant": request.tenant},
-                        )
-                    )
-                # Compare-and-set: two claimers of one request (PostgreSQL, or the
-                # scheduler racing a CLI) cannot both win; the loser rolls back.
-                won = conn.execute(
-                    update(requests)
-                    .where(requests.c.id == request_id, requests.c.state == RequestState.PENDING)
-                    .values(
-                        provider=provider,
-                        fulfilled_at=now,
-                        state=RequestState.FULFILLED,
-                        state_at=now,
-                        reason=f"nodes {', '.join(str(n.id) for n in claimed)}",
-                    )
-                ).rowcount
-                if won != 1:
-                    raise StaleState(f"request {request_id} is no longer pending")
-                return claimed
-            return None
 
 
 def _request(conn: Connection, request_id: int) -> RequestRow:
