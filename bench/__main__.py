@@ -1,7 +1,8 @@
 """`python -m bench [SCENARIO ...]`: measure freshpool and compare with the previous run.
 
 Scenarios (all by default; real local nodes need root):
-  handoff    warm-pool hand-out in process, 1/10/50 concurrent clients (sim nodes)
+  handoff    warm-pool hand-out in process, 1/10/50 concurrent clients (sim nodes),
+             1,000 hand-outs each
   fill-sim   time to 50 and 500 ready sim nodes at zero API latency
   fill-local time to 20, 50 and 100 ready real local nodes (SSH answering)
   one-local  one real node from an image on disk to ready
@@ -38,6 +39,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, float]]] = {
     "logs": scenarios.log_volume,
 }
 QUICK = {
+    "handoff": {"hand_outs": 300},
     "fill-sim": {"sizes": (50,)},
     "fill-local": {"sizes": (20,)},
     "one-local": {"rounds": 3},
@@ -63,6 +65,12 @@ TARGETS: list[tuple[str, str, float]] = [
     ("scale_10000_launch_rate_pct", ">=", 95),
     ("peak_rss_mb", "<=", 300),
     ("log_lines_per_node", "<=", 10),
+    # python -m bench.http_handoff (issues 4 and 6).
+    ("http_store_c1_p99_ms", "<=", 50),
+    ("http_store_c10_p99_ms", "<=", 50),
+    ("http_store_c50_p99_ms", "<=", 50),
+    ("http_store_c10_rps", ">=", 500),
+    ("http_store_c50_rps", ">=", 500),
 ]
 
 

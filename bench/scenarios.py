@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -23,45 +22,45 @@ Figures = dict[str, float]
 
 
 def handoff_in_process(
-    root: Path, clients: tuple[int, ...] = (1, 10, 50), per_client: int = 20
+    root: Path, clients: tuple[int, ...] = (1, 10, 50), hand_outs: int = 1000
 ) -> Figures:
     """Warm pool, many clients calling acquire at once: latency and throughput."""
     figures: Figures = {}
     for count in clients:
-        figures.update(_handoff(root, count, per_client))
+        figures.update(_handoff(root, count, max(1, hand_outs // count)))
     return figures
 
 
 def _handoff(root: Path, count: int, per_client: int) -> Figures:
-    """Clients ask the scheduler in-process, as the API's handlers do, with `serve`'s
-    launcher and scheduler threads running; each call returns with the node handed over.
+    """`count` clients ask at once, each again as soon as it has its node, through the
+    scheduler's asyncio entry (the one the API's handlers await), with `serve`'s
+    launcher and scheduler threads running.
 
     The pool is at its provider's max-nodes, so the launcher makes its passes (woken
-    by every hand-out) but launches no replacements: this times the hand-out, not
+    by the hand-outs) but launches no replacements: this times the hand-out, not
     the refill (fill and burst time that).
     """
     total = count * per_client
     pool = BenchPool(root, f"handoff-{count}", sim_providers(1, total), total)
     samples: list[float] = []
-    lock = threading.Lock()
 
-    def client(scheduler: Scheduler) -> None:
+    async def client(scheduler: Scheduler) -> None:
         for _ in range(per_client):
             started = time.perf_counter()
             ask = NewRequest(("debian",), requestor="bench", deadline=time.time() + 10)
-            row, nodes = scheduler.acquire(ask, timeout=10)
-            took = (time.perf_counter() - started) * 1000
+            row, nodes = await scheduler.submit_async(ask)
+            samples.append((time.perf_counter() - started) * 1000)
             if row.state != "fulfilled" or len(nodes) != 1:
                 raise RuntimeError(f"request {row.id} is {row.state}: {row.reason}")
-            with lock:
-                samples.append(took)
+
+    async def clients(scheduler: Scheduler) -> None:
+        await asyncio.gather(*(client(scheduler) for _ in range(count)))
 
     try:
         pool.run_until(lambda: pool.ready() >= total)
         with pool.serving() as scheduler:
             started = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=count) as workers:
-                list(workers.map(lambda _: client(scheduler), range(count)))
+            asyncio.run(clients(scheduler))
             wall = time.perf_counter() - started
     finally:
         pool.destroy()

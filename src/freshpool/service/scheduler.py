@@ -20,6 +20,7 @@ write lock in turn (group commit); that is what keeps a hand-out at a few ms und
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from functools import cache
+from typing import Any
 
 from freshpool.config import Config
 from freshpool.service.waiters import Waiters
@@ -96,6 +98,8 @@ class FairShare:
 
 # A request as the store has it after a pass, and the nodes handed to it (if any).
 Outcome = tuple[RequestRow, list[NodeRow]]
+# Where a submitter waits: a thread on a Future, an asyncio task on its loop's future.
+ReplyTo = Future[Outcome] | tuple[asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
 # A hand-out that hits a concurrent claimer (PostgreSQL) is redone this often in one pass.
 HAND_OUT_TRIES = 3
 
@@ -118,7 +122,7 @@ class Scheduler:
         # One pass at a time, whichever thread runs it, so the order holds.
         self._passing = threading.Lock()
         self._poked = threading.Event()
-        self._inbox: list[tuple[NewRequest, Future[Outcome]]] = []
+        self._inbox: list[tuple[NewRequest, ReplyTo]] = []
         # Set after the launcher's first pass: it has recovered and reconciled every
         # provider. Until then requests are queued but nothing is handed out.
         self.started = threading.Event()
@@ -150,7 +154,13 @@ class Scheduler:
         return future
 
     async def submit_async(self, request: NewRequest) -> Outcome:
-        return await asyncio.wrap_future(self.submit(request))
+        """submit() for asyncio callers (the API's handlers)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        with self._lock:
+            self._inbox.append((request, (loop, future)))
+        self.poke()
+        return await future
 
     def acquire(self, request: NewRequest, timeout: float) -> Outcome:
         """Submit and block until the request is no longer pending or `timeout` passes."""
@@ -185,11 +195,14 @@ class Scheduler:
             try:
                 done = self._hand_out([r for r, _ in inbox], self._plan if serve else _nothing)
             except BaseException as error:
-                for _, future in inbox:
-                    future.set_exception(error)
+                _reply([(to, error) for _, to in inbox])
                 raise
-            for (_, future), row in zip(inbox, done.created, strict=True):
-                future.set_result((row, done.nodes_of(row.id)))
+            _reply(
+                [
+                    (to, (row, done.nodes_of(row.id)))
+                    for (_, to), row in zip(inbox, done.created, strict=True)
+                ]
+            )
             self._after(done)
 
     def _hand_out(self, new: list[NewRequest], plan: Planner) -> HandOut:
@@ -283,6 +296,35 @@ class Scheduler:
                 # The submitters got the error; the next pass tries again.
                 log.exception("scheduler pass failed")
                 stop.wait(0.1)
+
+
+def _reply(answers: list[tuple[ReplyTo, Outcome | BaseException]]) -> None:
+    """Hand each submitter its outcome (or the error): threads directly, asyncio tasks
+    with one call into each loop per pass (a call per task would wake the loop as
+    many times and cost a syscall each)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Outcome], Any]]] = {}
+    for to, answer in answers:
+        if isinstance(to, Future):
+            if isinstance(answer, BaseException):
+                to.set_exception(answer)
+            else:
+                to.set_result(answer)
+        else:
+            by_loop.setdefault(to[0], []).append((to[1], answer))
+    for loop, items in by_loop.items():
+        # The loop may have stopped (server shutting down); nobody waits then.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[tuple[asyncio.Future[Outcome], Any]]) -> None:
+    for future, answer in items:
+        if future.done():  # cancelled: the client went away; the request stays stored
+            continue
+        if isinstance(answer, BaseException):
+            future.set_exception(answer)
+        else:
+            future.set_result(answer)
 
 
 def _nothing(_queue: Queue) -> list[tuple[int, str]]:

@@ -66,12 +66,15 @@ def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        # Every transaction takes the write lock up front. A deferred transaction
-        # that reads and then writes can fail with SQLITE_BUSY at the upgrade, which
-        # the busy timeout does not cover; IMMEDIATE waits its turn instead. Readers
-        # (execution option readonly=True) take a deferred snapshot, which WAL never blocks.
-        readonly = conn.get_execution_options().get("readonly", False)
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        # Every writing transaction takes the write lock up front. A deferred
+        # transaction that reads and then writes can fail with SQLITE_BUSY at the
+        # upgrade, which the busy timeout does not cover; IMMEDIATE waits its turn
+        # instead. Readers (execution option readonly=True) open no transaction:
+        # each statement reads its own WAL snapshot, never blocked, and the store's
+        # reads are one statement each. A BEGIN and its ROLLBACK cost more than
+        # most of those reads (two more round trips through SQLAlchemy).
+        if not conn.get_execution_options().get("readonly", False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _alembic_config(connection) -> AlembicConfig:  # type: ignore[no-untyped-def]

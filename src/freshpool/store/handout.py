@@ -17,8 +17,20 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, func, insert, literal, select, update
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    Executable,
+    Select,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 
 from freshpool import states
 from freshpool.states import NodeState, RequestState
@@ -349,7 +361,7 @@ def _claim(
     ]
     # Compare-and-set, many rows at once: if any node left `ready` under us, or any
     # request stopped pending, the whole transaction rolls back and nothing is handed.
-    if conn.execute(_CLAIM, moves).rowcount != len(moves):
+    if _execute_many(conn, _CLAIM, moves) != len(moves):
         raise StaleState("a ready node was taken during the hand-out; nothing was handed")
     claimed = [m["node"] for m in moves]
     conn.execute(_HISTORY, {"at": now, "claimed": claimed})
@@ -362,7 +374,7 @@ def _claim(
         }
         for request, provider, node_ids in claims
     ]
-    if conn.execute(_SETTLE, settles).rowcount != len(settles):
+    if _execute_many(conn, _SETTLE, settles) != len(settles):
         raise StaleState("a request stopped pending during the hand-out; nothing was handed")
     rows = {row.id: NodeRow(*row) for row in conn.execute(_CLAIMED, {"claimed": claimed})}
     return {
@@ -385,3 +397,26 @@ def _claim(
         )
         for (request, provider, node_ids), settle in zip(claims, settles, strict=True)
     }
+
+
+def _execute_many(conn: Connection, statement: Executable, rows: list[dict[str, Any]]) -> int:
+    """executemany of `statement` as SQLAlchemy writes it for this database, without its
+    per-row parameter processing (~5 µs a row here; these rows hold plain values).
+    Returns the number of rows changed."""
+    sql, order, fixed = _compiled(statement, conn.dialect)
+    if order is None:
+        params: list[Any] = [{**fixed, **row} for row in rows]
+    else:
+        params = [tuple({**fixed, **row}[k] for k in order) for row in rows]
+    return conn.exec_driver_sql(sql, params).rowcount
+
+
+@functools.cache
+def _compiled(
+    statement: Executable, dialect: Dialect
+) -> tuple[str, list[str] | None, dict[str, Any]]:
+    compiled = statement.compile(dialect=dialect)
+    # The statement's own literals (the states compared and set) have values here;
+    # the named bindparams the rows fill in are None.
+    fixed = {k: v for k, v in compiled.params.items() if v is not None}
+    return compiled.string, compiled.positiontup, fixed
