@@ -10,6 +10,9 @@ Scenarios (all by default; real local nodes need root):
   burst      200 requests at once against a 50-node warm pool (sim)
   scale      1,000 / 5,000 / 10,000 nodes over 20 sim providers, 1 s latency, 10 calls/s each
   logs       log lines per node lifecycle at the default level
+  http       warm-pool hand-out over HTTP against `serve`'s stack in another process,
+             1/10/50 clients, then one client on 20 real local nodes (needs aiohttp:
+             pip install -e .[bench]; also alone as python -m bench.http_handoff)
 
 Each figure is printed beside its target and the previous run's value. Results go
 to bench/results/latest.json (the run before is kept as previous.json).
@@ -28,6 +31,14 @@ from pathlib import Path
 from bench import scenarios
 from bench.common import RESULTS, machine
 
+
+def http(_root: Path, quick: bool = False) -> dict[str, float]:
+    """bench.http_handoff's scenarios (store-row pool at 1/10/50 clients, real nodes)."""
+    from bench import http_handoff  # needs aiohttp (`pip install -e .[bench]`)
+
+    return http_handoff.run(quick, with_local=True)
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, float]]] = {
     "handoff": scenarios.handoff_in_process,
     "fill-sim": scenarios.fill_sim,
@@ -37,6 +48,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, float]]] = {
     "burst": scenarios.burst,
     "scale": scenarios.scale,
     "logs": scenarios.log_volume,
+    "http": http,
 }
 QUICK = {
     "handoff": {"hand_outs": 300},
@@ -46,6 +58,7 @@ QUICK = {
     "run-true": {"runs": 3},
     "scale": {"sizes": (1000,)},
     "logs": {"lifecycles": 20},
+    "http": {"quick": True},
 }
 # (figure prefix or name, comparison, target); from the issues' targets.
 TARGETS: list[tuple[str, str, float]] = [

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -192,6 +192,20 @@ def running(scheduler: Scheduler) -> tuple[threading.Event, threading.Thread]:
     return stop, thread
 
 
+def ask_and_wait_till_queued(
+    store: Store, ask: Callable[[], object]
+) -> tuple[threading.Thread, list[object]]:
+    """Run `ask` on a thread; return once its request waits in the store's queue."""
+    got: list[object] = []
+    asking = threading.Thread(target=lambda: got.append(ask()))
+    asking.start()
+    deadline = time.monotonic() + 10
+    while not store.pending_requests():
+        assert time.monotonic() < deadline, "the request never reached the queue"
+        time.sleep(0.01)
+    return asking, got
+
+
 def test_submitted_requests_share_passes_and_each_gets_its_own_answer(
     tmp_path: Path, store: Store
 ) -> None:
@@ -208,30 +222,6 @@ def test_submitted_requests_share_passes_and_each_gets_its_own_answer(
     for row, nodes in outcomes:
         assert len(nodes) == (1 if row.state == "fulfilled" else 0)
         assert all(n.request_id == row.id and n.tenant == row.tenant for n in nodes)
-
-
-def test_acquire_waits_for_a_node_that_becomes_ready(tmp_path: Path, store: Store) -> None:
-    scheduler = Scheduler(config(tmp_path), store)
-    stop, thread = running(scheduler)
-    try:
-        scheduler.started.set()
-        got: list[tuple[RequestRow, list]] = []
-        asking = threading.Thread(
-            target=lambda: got.append(scheduler.acquire(NewRequest(("small",)), timeout=20))
-        )
-        asking.start()
-        deadline = time.monotonic() + 10
-        while not store.pending_requests():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        make_ready(store, "small")
-        scheduler.poke()
-        asking.join(20)
-        ((row, nodes),) = got
-        assert row.state == RequestState.FULFILLED and len(nodes) == 1
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def test_before_the_launchers_first_pass_requests_are_queued_not_served(
@@ -265,15 +255,9 @@ def test_a_cli_acquire_served_by_a_running_scheduler_gets_its_nodes(
     build = store.new_build("b", "img", str(tmp_path))
     store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "test")
     scheduler = Scheduler(cfg, Store.open(tmp_path))
-    got: list = []
-    asking = threading.Thread(
-        target=lambda: got.append(handoff.acquire(cfg, store, ["small"], timeout=20))
+    asking, got = ask_and_wait_till_queued(
+        store, lambda: handoff.acquire(cfg, store, ["small"], timeout=20)
     )
-    asking.start()
-    deadline = time.monotonic() + 10
-    while not store.pending_requests():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
     make_ready(store, "small")
     scheduler.run_pass()  # serve's scheduler claims it before the CLI looks again
     asking.join(20)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.dependencies.models import Dependant
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
@@ -49,7 +47,6 @@ def create_app(svc: Services) -> FastAPI:
         version=metadata.version("freshpool"),
         description=DESCRIPTION,
         lifespan=lifespan,
-        dependencies=[Depends(_no_unknown_query)],
     )
     app.state.services = svc
     app.state.pool_registry = metrics.registry_for(svc)
@@ -140,39 +137,3 @@ def _methods_for(app: FastAPI, request: Request) -> list[str]:
         if match != Match.NONE and isinstance(route, BaseRoute) and hasattr(route, "methods"):
             methods.update(route.methods or ())
     return sorted(methods)
-
-
-_known_query: dict[int, frozenset[str]] = {}
-
-
-async def _no_unknown_query(request: Request) -> None:
-    """A misspelt query parameter (`?wiat=30`) is an error, not silently ignored.
-
-    `async`: FastAPI runs a plain `def` dependency on a worker thread, and that hop
-    on every call cost more than the check.
-    """
-    route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
-        return
-    known = _known_query.get(id(route))
-    if known is None:
-        known = _known_query[id(route)] = frozenset(_query_names(route.dependant))
-    unknown = [name for name in request.query_params if name not in known]
-    if unknown:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "unknown_parameter",
-                    "loc": ("query", name),
-                    "msg": f"unknown query parameter (known: {', '.join(sorted(known)) or 'none'})",
-                    "input": request.query_params[name],
-                }
-                for name in unknown
-            ]
-        )
-
-
-def _query_names(dependant: Dependant) -> Iterator[str]:
-    yield from (q.alias for q in dependant.query_params)
-    for sub in dependant.dependencies:
-        yield from _query_names(sub)

@@ -36,7 +36,12 @@ class Caller:
 
 # Dependencies are `async def`: FastAPI runs plain `def` ones in a worker thread, and
 # each such hop costs more than the work here (a token check is one indexed read,
-# usually answered from the checker's short cache).
+# usually answered from the checker's short cache). They are also flat (each takes
+# the request itself rather than other dependencies): FastAPI re-examines every
+# dependency on every call, and on a busy POST /requests that was half of the
+# server's time.
+
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 async def services(request: Request) -> Services:
@@ -49,28 +54,26 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-async def caller(
-    svc: Annotated[Services, Depends(services)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
+def _caller(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     if credentials is None:
         return Caller(None)
+    svc: Services = request.app.state.services
     token = svc.tokens.check(credentials.credentials)
     if token is None:
         raise _unauthorized("unknown or revoked token")
     return Caller(token.tenant, admin=token.tenant in svc.config.api.admin_tenants)
 
 
-async def reader(
-    svc: Annotated[Services, Depends(services)], who: Annotated[Caller, Depends(caller)]
-) -> Caller:
+async def reader(request: Request, credentials: Bearer) -> Caller:
     """Reads are open without a token when the config says status is open."""
-    if who.anonymous and not svc.config.api.open_status:
+    who = _caller(request, credentials)
+    if who.anonymous and not request.app.state.services.config.api.open_status:
         raise _unauthorized("this server's status is closed: send a bearer token")
     return who
 
 
-async def writer(who: Annotated[Caller, Depends(caller)]) -> Caller:
+async def writer(request: Request, credentials: Bearer) -> Caller:
+    who = _caller(request, credentials)
     if who.anonymous:
         raise _unauthorized("changing anything needs a bearer token")
     return who

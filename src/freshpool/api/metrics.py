@@ -10,9 +10,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from freshpool.api.services import Services
+from freshpool.api.strict import StrictQueryRoute
 from freshpool.states import NodeState
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=StrictQueryRoute)
 
 
 class PoolCollector(Collector):

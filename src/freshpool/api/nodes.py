@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Path, Query
 
 from freshpool.api.auth import Caller, Reader, Svc, Writer
 from freshpool.api.models import ErrorOut, EventOut, HoldIn, JobStart, NodeDetail, NodeOut
+from freshpool.api.strict import StrictQueryRoute
 from freshpool.service import handoff, nodesets
 from freshpool.states import NodeState
 from freshpool.store import NodeRow, NotFound, Store
@@ -16,6 +17,7 @@ MAX_ID = 2**63 - 1
 NodeId = Annotated[int, Path(ge=1, le=MAX_ID, description="A node id.")]
 
 router = APIRouter(
+    route_class=StrictQueryRoute,
     prefix="/nodes",
     tags=["nodes"],
     responses={

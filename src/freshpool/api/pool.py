@@ -9,10 +9,12 @@ from fastapi import APIRouter, Response, status
 from freshpool.api.auth import Reader, Svc
 from freshpool.api.models import BuildOut, ErrorOut, Health, ImageOut, LabelOut, ProviderOut
 from freshpool.api.services import Services
+from freshpool.api.strict import StrictQueryRoute
 from freshpool.states import NodeState
 
 N = NodeState
 router = APIRouter(
+    route_class=StrictQueryRoute,
     tags=["pool"],
     responses={401: {"model": ErrorOut, "description": "Status is closed: send a token."}},
 )

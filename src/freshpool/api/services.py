@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from freshpool.api.changes import ChangeFeed
 from freshpool.config import Config
+from freshpool.service import nodesets
 from freshpool.service.observer import Observer
 from freshpool.service.scheduler import Scheduler
 from freshpool.service.tokens import TokenChecker
@@ -27,10 +29,16 @@ class Services:
     max_stream: float = 3600.0
     tokens: TokenChecker = field(init=False)
     changes: ChangeFeed = field(init=False)
+    # nodesets.check against this config, remembered per node set: CI asks for the
+    # same few sets over and over, and the config does not change while serving.
+    check_set: Callable[[tuple[str, ...]], list[nodesets.Problem]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokens = TokenChecker(self.store)
         self.changes = ChangeFeed(self.store)
+        self.check_set = functools.lru_cache(maxsize=1024)(
+            lambda labels: nodesets.check(self.config, labels)
+        )
 
     @property
     def waiters(self) -> Waiters:

@@ -15,9 +15,10 @@ from freshpool.api.models import ErrorOut, QueueEntry, RequestOut, Status
 from freshpool.api.nodes import out
 from freshpool.api.pool import build_list, label_summaries
 from freshpool.api.services import Services
+from freshpool.api.strict import StrictQueryRoute
 from freshpool.states import RequestState
 
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], route_class=StrictQueryRoute)
 QUEUE_SHOWN = 100
 RECENT_SHOWN = 20
 NODES_SHOWN = 500

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -32,7 +31,6 @@ from typing import Any
 
 from freshpool.config import Config
 from freshpool.service.waiters import Waiters
-from freshpool.states import RequestState
 from freshpool.store import (
     HandOut,
     NewRequest,
@@ -161,24 +159,6 @@ class Scheduler:
             self._inbox.append((request, (loop, future)))
         self.poke()
         return await future
-
-    def acquire(self, request: NewRequest, timeout: float) -> Outcome:
-        """Submit and block until the request is no longer pending or `timeout` passes."""
-        give_up = time.monotonic() + timeout
-        row, nodes = self.submit(request).result(timeout)
-        if row.state != RequestState.PENDING:
-            return row, nodes
-        changed = self.waiters.watch_thread(row.id)
-        try:
-            while True:
-                changed.clear()
-                row = self.store.request(row.id)
-                left = give_up - time.monotonic()
-                if row.state != RequestState.PENDING or left <= 0:
-                    return row, self.store.request_nodes([row.id])[row.id]
-                changed.wait(left)
-        finally:
-            self.waiters.unwatch(row.id, changed)
 
     # -------------------------------------------------------------- passes
 

@@ -1,8 +1,7 @@
-"""Lets API handlers (asyncio) and plain threads wait for a change of a request.
+"""Lets API handlers (asyncio) wait for a change of a request that another thread makes.
 
-The scheduler changes requests on its own thread; notify() wakes each waiter in its
-own way: an asyncio waiter through its loop's call_soon_threadsafe, a thread through
-a threading.Event.
+The scheduler changes requests on its own thread; notify() wakes each waiter
+through its own loop's call_soon_threadsafe.
 """
 
 from __future__ import annotations
@@ -12,15 +11,13 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable
 
-Waiter = asyncio.Event | threading.Event
-
 
 class Waiters:
     """Request id -> how to wake each waiter on it; every method is thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiting: dict[int, dict[Waiter, Callable[[], None]]] = {}
+        self._waiting: dict[int, dict[asyncio.Event, Callable[[], None]]] = {}
 
     def watch(self, request_id: int) -> asyncio.Event:
         """Register interest from inside a running event loop; unwatch() when done."""
@@ -35,17 +32,11 @@ class Waiters:
         self._add(request_id, event, wake)
         return event
 
-    def watch_thread(self, request_id: int) -> threading.Event:
-        """Register interest from a plain thread; unwatch() when done."""
-        event = threading.Event()
-        self._add(request_id, event, event.set)
-        return event
-
-    def _add(self, request_id: int, event: Waiter, wake: Callable[[], None]) -> None:
+    def _add(self, request_id: int, event: asyncio.Event, wake: Callable[[], None]) -> None:
         with self._lock:
             self._waiting.setdefault(request_id, {})[event] = wake
 
-    def unwatch(self, request_id: int, event: Waiter) -> None:
+    def unwatch(self, request_id: int, event: asyncio.Event) -> None:
         with self._lock:
             entries = self._waiting.get(request_id, {})
             entries.pop(event, None)

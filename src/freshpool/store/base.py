@@ -84,6 +84,7 @@ class StoreBase:
         # Reads take a snapshot without the write lock (see db._tune_sqlite).
         self._reader = self.engine.execution_options(readonly=True)
         self._write_lock = threading.Lock()
+        self._local = threading.local()
         db.upgrade(self.engine)
         self.cluster_id = self._cluster_id()
 
@@ -115,6 +116,11 @@ class StoreBase:
         # 100 ms, which turns a 1 ms hand-out into a long one under load.
         with self._write_lock, self.engine.begin() as conn:
             yield conn
+        self._local.writes = self.writes_here() + 1
+
+    def writes_here(self) -> int:
+        """How many write transactions this thread has committed through this store."""
+        return getattr(self._local, "writes", 0)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
