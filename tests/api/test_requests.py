@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from freshpool.drivers import ssh
 from freshpool.drivers.base import SshAccess
@@ -250,3 +251,31 @@ def test_bad_input_gets_field_level_errors(serve_pool: Callable[..., Served]) ->
     assert broken.status_code == 422
     assert api.get("/nodes/12345").status_code == 404
     assert api.get("/nodes/12345").json() == {"detail": "no node 12345"}
+
+
+def test_a_failing_store_is_a_503_that_loses_nothing(
+    serve_pool: Callable[..., Served], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection (the database is made to fail one hand-out; nothing else is faked)."""
+    from sqlalchemy.exc import OperationalError
+
+    served = serve_pool(min_ready=1, max_nodes=1)
+    served.wait_ready(1)
+    store = served.running.services.scheduler.store
+    real = store.hand_out
+
+    def full_disk(new: list[Any], *args: Any) -> Any:
+        if not new:  # the scheduler's passes with nothing submitted go through
+            return real(new, *args)
+        monkeypatch.setattr(store, "hand_out", real)  # fail once
+        raise OperationalError("INSERT INTO requests", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(store, "hand_out", full_disk)
+    api = served.client("team-a")
+    failed = api.post("/requests", params={"wait": 30}, json={"labels": ["debian"]})
+    assert failed.status_code == 503, failed.text
+    assert "database or disk is full" in failed.json()["detail"]
+    assert failed.headers["Retry-After"] == "1"
+    assert store.list_requests() == [] and len(store.nodes(["ready"])) == 1
+    again = api.post("/requests", params={"wait": 30}, json={"labels": ["debian"]}).json()
+    assert again["state"] == "fulfilled" and len(again["nodes"]) == 1

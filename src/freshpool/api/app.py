@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
@@ -83,6 +84,20 @@ def create_app(svc: Services) -> FastAPI:
     @app.exception_handler(StaleState)
     async def _stale(_request: Request, exc: StaleState) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _store_failed(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        # A locked, full or unreachable database: the transaction rolled back, so
+        # nothing changed and the call may simply be made again.
+        cause = getattr(exc, "orig", None) or exc
+        return JSONResponse(
+            {
+                "detail": f"the state store failed ({type(cause).__name__}: {cause});"
+                " nothing was changed, try again"
+            },
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(InvalidTransition)
     async def _invalid(_request: Request, exc: InvalidTransition) -> JSONResponse:

@@ -40,6 +40,11 @@ _ERRORS = {
     403: {"model": ErrorOut, "description": "Not allowed for this token's tenant."},
     404: {"model": ErrorOut, "description": "No such request (or not yours)."},
     409: {"model": ErrorOut, "description": "The request's state does not allow it."},
+    503: {
+        "model": ErrorOut,
+        "description": "The state store failed (locked, full, unreachable); nothing changed,"
+        " try again.",
+    },
 }
 
 
