@@ -249,6 +249,9 @@ def test_bad_input_gets_field_level_errors(serve_pool: Callable[..., Served]) ->
         "/requests", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert broken.status_code == 422
+    # `curl -d` sends a form, not JSON: the answer says what to send.
+    form = problems(api.post("/requests", data={"labels": "debian"}))
+    assert "must be JSON with Content-Type: application/json" in form[("body",)]
     assert api.get("/nodes/12345").status_code == 404
     assert api.get("/nodes/12345").json() == {"detail": "no node 12345"}
 

@@ -55,8 +55,9 @@ def create_app(svc: Services) -> FastAPI:
     known = ", ".join(x.name for x in svc.config.labels)
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_input(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _bad_input(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
+        sent = request.headers.get("content-type", "none")
         for problem in exc.errors():
             if problem["type"] == "literal_error" and tuple(problem["loc"][:2]) == (
                 "body",
@@ -65,6 +66,13 @@ def create_app(svc: Services) -> FastAPI:
                 problem = {
                     **problem,
                     "msg": f"unknown label {problem['input']!r} (known: {known})",
+                }
+            elif tuple(problem["loc"]) == ("body",) and "json" not in sent:
+                # `curl -d` sends a form: say what to send instead of "not a dictionary".
+                problem = {
+                    **problem,
+                    "msg": f"the body must be JSON with Content-Type: application/json"
+                    f" (this one came as {sent}; with curl use --json)",
                 }
             problems.append(problem)
         return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
