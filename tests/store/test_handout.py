@@ -16,7 +16,7 @@ def everyone(providers: list[str]):  # type: ignore[no-untyped-def]
     """A planner that serves every pending request, oldest first, first fit."""
 
     def plan(queue: Queue) -> list[tuple[int, str]]:
-        return first_fit_for({r.id for r in queue.pending}, providers)(queue)
+        return first_fit_for(providers, {r.id for r in queue.pending})(queue)
 
     return plan
 

@@ -71,7 +71,6 @@ def test_ready_counts_and_pending_queue(store: Store) -> None:
     ready_node(store, label="b")
     first = store.new_request(["a"], tenant="x")
     second = store.new_request(["b"], tenant="y")
-    assert store.ready_by_label() == {"a": 2, "b": 1}
     assert [r.id for r in store.pending_requests()] == [first.id, second.id]
     assert store.pending_by_tenant() == {"x": 1, "y": 1}
     assert [r.id for r in store.list_requests(tenant="y")] == [second.id]

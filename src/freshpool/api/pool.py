@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from fastapi import APIRouter, Response, status
 
@@ -20,10 +21,16 @@ router = APIRouter(
 )
 
 
+def _states_by(svc: Services, key: Callable[[str, str], str]) -> dict[str, Counter[str]]:
+    """Node counts by state, grouped by key(provider, label), from one grouped query."""
+    grouped: dict[str, Counter[str]] = {}
+    for (provider, label, state), n in svc.store.node_counts().items():
+        grouped.setdefault(key(provider, label), Counter())[state] += n
+    return grouped
+
+
 def label_summaries(svc: Services) -> list[LabelOut]:
-    by_label: dict[str, Counter[str]] = {}
-    for (_provider, label, state), n in svc.store.node_counts().items():
-        by_label.setdefault(label, Counter())[state] += n
+    by_label = _states_by(svc, lambda provider, label: label)
     waiting = svc.store.pending_demand()
     out = []
     for label in svc.config.labels:
@@ -80,9 +87,7 @@ def images(svc: Svc, _who: Reader) -> list[ImageOut]:
 
 @router.get("/providers", summary="Each provider: limits and nodes by state")
 def providers(svc: Svc, _who: Reader) -> list[ProviderOut]:
-    by_provider: dict[str, Counter[str]] = {}
-    for (provider, _label, state), n in svc.store.node_counts().items():
-        by_provider.setdefault(provider, Counter())[state] += n
+    by_provider = _states_by(svc, lambda provider, label: provider)
     out = []
     for p in svc.config.providers:
         c = by_provider.get(p.name, Counter())

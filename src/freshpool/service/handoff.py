@@ -43,9 +43,7 @@ def acquire(
     watcher = store.change_watcher()
     try:
         # Queue the request and, when the pool has the set, claim it: one transaction.
-        done = store.hand_out(
-            [new], lambda q: first_fit_for(set(q.created), providers)(q), providers
-        )
+        done = store.hand_out([new], first_fit_for(providers), providers)
         request_id = done.created[0].id
         got: list[NodeRow] | None = done.nodes_of(request_id) or None
         while got is None:

@@ -121,6 +121,8 @@ class Scheduler:
         self._passing = threading.Lock()
         self._poked = threading.Event()
         self._inbox: list[tuple[NewRequest, ReplyTo]] = []
+        # Set by the last plan: some requests wait for nodes that are not ready.
+        self._blocked = False
         # Set after the launcher's first pass: it has recovered and reconciled every
         # provider. Until then requests are queued but nothing is handed out.
         self.started = threading.Event()
@@ -170,8 +172,6 @@ class Scheduler:
         with self._passing:
             with self._lock:
                 inbox, self._inbox = self._inbox, []
-            self._blocked = False
-            self._placed: list[int] = []
             try:
                 done = self._hand_out([r for r, _ in inbox], self._plan if serve else _nothing)
             except BaseException as error:
@@ -198,19 +198,16 @@ class Scheduler:
 
     def _after(self, done: HandOut) -> None:
         with self._lock:
-            for request_id in self._placed:
-                if request_id in done.fulfilled:
-                    self.fair.charge(done.fulfilled[request_id][0])
-        for request_id in self._placed:
-            if request_id in done.fulfilled:
-                request, nodes = done.fulfilled[request_id]
-                log.info(
-                    "request %s (%s, priority %d): nodes %s",
-                    request.id,
-                    request.tenant or "-",
-                    request.priority,
-                    ", ".join(str(n.id) for n in nodes),
-                )
+            for request, _ in done.fulfilled.values():
+                self.fair.charge(request)
+        for request, nodes in done.fulfilled.values():
+            log.info(
+                "request %s (%s, priority %d): nodes %s",
+                request.id,
+                request.tenant or "-",
+                request.priority,
+                ", ".join(str(n.id) for n in nodes),
+            )
         waiting = self.waiters.watched()
         if waiting:
             # Fulfilled here, failed by deadline, cancelled, or claimed by another process.
@@ -245,7 +242,6 @@ class Scheduler:
                 total[label] -= n
             placements.append((request.id, provider))
         self._blocked = bool(reserved)
-        self._placed = [request_id for request_id, _ in placements]
         return placements
 
     # -------------------------------------------- running beside the launcher

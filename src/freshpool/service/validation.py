@@ -48,22 +48,17 @@ class Validation(StepOperation[Verdict]):
         log: Callable[[str], None],
     ) -> None:
         self.node_id: int | None = None
-        super().__init__(self._guarded(store, driver, provider, build, image, external_id, log))
+        super().__init__(
+            self._guarded(
+                store, self._validate(store, driver, provider, build, image, external_id, log)
+            )
+        )
 
     def _guarded(
-        self,
-        store: Store,
-        driver: Driver,
-        provider: str,
-        build: BuildRow,
-        image: Image,
-        external_id: str | None,
-        log: Callable[[str], None],
+        self, store: Store, steps: Generator[float, None, Verdict]
     ) -> Generator[float, None, Verdict]:
         try:
-            return (
-                yield from self._validate(store, driver, provider, build, image, external_id, log)
-            )
+            return (yield from steps)
         except BaseException:
             # Stopped half-way (an error, or the keeper dropped it): the launcher's deleter
             # takes a failed node from here.

@@ -29,12 +29,9 @@ class Waiters:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
 
-        self._add(request_id, event, wake)
-        return event
-
-    def _add(self, request_id: int, event: asyncio.Event, wake: Callable[[], None]) -> None:
         with self._lock:
             self._waiting.setdefault(request_id, {})[event] = wake
+        return event
 
     def unwatch(self, request_id: int, event: asyncio.Event) -> None:
         with self._lock:

@@ -71,6 +71,7 @@ class HandOut:
     """What one hand-out did: the new requests as they now are, and every set handed over."""
 
     created: list[RequestRow]
+    # Request id -> the request and its nodes, in the order the planner placed them.
     fulfilled: dict[int, tuple[RequestRow, list[NodeRow]]]
     # Ids of the requests still pending afterwards.
     pending: set[int]
@@ -95,17 +96,19 @@ def needs(labels: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     return tuple(Counter(labels).items())
 
 
-def first_fit_for(request_ids: set[int], providers: Sequence[str]) -> Planner:
-    """A planner that serves only these requests, each from its first fitting provider.
+def first_fit_for(providers: Sequence[str], request_ids: set[int] | None = None) -> Planner:
+    """A planner that serves only these requests (by default: the ones the hand-out
+    queues), each from its first fitting provider.
 
     No fair share: for a client that claims for itself straight on the store.
     """
 
     def plan(queue: Queue) -> list[Placement]:
+        mine = set(queue.created) if request_ids is None else request_ids
         free = Counter(queue.ready)
         placements = []
         for request in queue.pending:
-            if request.id not in request_ids:
+            if request.id not in mine:
                 continue
             provider = first_fit(request.labels, providers, free)
             if provider is not None:
@@ -117,6 +120,18 @@ def first_fit_for(request_ids: set[int], providers: Sequence[str]) -> Planner:
 
 
 class HandOutQueries(StoreBase):
+    def new_request(
+        self,
+        labels: Sequence[str],
+        requestor: str = "",
+        tenant: str = "",
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> RequestRow:
+        """Queue one request without handing anything out (the scheduler serves it)."""
+        ask = NewRequest(tuple(labels), requestor, tenant, priority, deadline)
+        return self.hand_out([ask], lambda _queue: [], []).created[0]
+
     def hand_out(
         self, new: Sequence[NewRequest], plan: Planner, providers: Sequence[str]
     ) -> HandOut:
@@ -165,7 +180,7 @@ class HandOutQueries(StoreBase):
         Returns the nodes, or None when no provider has them all ready now; raises
         StaleState if the request is no longer pending.
         """
-        done = self.hand_out([], first_fit_for({request_id}, providers), providers)
+        done = self.hand_out([], first_fit_for(providers, {request_id}), providers)
         if request_id in done.fulfilled:
             return done.nodes_of(request_id)
         state = self.request(request_id).state

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, and_, insert, or_, select
+from sqlalchemy import Connection, and_, or_, select
 
 from freshpool import states
 from freshpool.states import RequestState
@@ -32,30 +31,6 @@ class RequestRow:
 
 
 class RequestQueries(StoreBase):
-    def new_request(
-        self,
-        labels: Sequence[str],
-        requestor: str = "",
-        tenant: str = "",
-        priority: int = 0,
-        deadline: float | None = None,
-    ) -> RequestRow:
-        now = time.time()
-        with self._write() as conn:
-            request_id = conn.execute(
-                insert(requests).values(
-                    labels=list(labels),
-                    requestor=requestor,
-                    tenant=tenant,
-                    priority=priority,
-                    state=RequestState.PENDING,
-                    created_at=now,
-                    state_at=now,
-                    deadline=deadline,
-                )
-            ).inserted_primary_key[0]
-            return _request(conn, request_id)
-
     def request(self, request_id: int) -> RequestRow:
         with self._read() as conn:
             row = conn.execute(select(requests).where(requests.c.id == request_id)).first()

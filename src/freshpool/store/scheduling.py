@@ -29,16 +29,6 @@ class SchedulingQueries(StoreBase):
         with self._read() as conn:
             return [RequestRow(**row._mapping) for row in conn.execute(query)]
 
-    def ready_by_label(self) -> Counter[str]:
-        """Ready nodes per label (one range of the state index, however big the pool)."""
-        query = (
-            select(nodes.c.label, func.count())
-            .where(nodes.c.state == NodeState.READY)
-            .group_by(nodes.c.label)
-        )
-        with self._read() as conn:
-            return Counter({label: n for label, n in conn.execute(query)})
-
     def pending_by_tenant(self) -> Counter[str]:
         query = (
             select(requests.c.tenant, func.count())
