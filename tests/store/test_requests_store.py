@@ -100,5 +100,11 @@ def test_history_reads_only_what_is_new(store: Store) -> None:
     assert store.events_after(events[-1].id) == []
     assert store.last_event_before(0) == events[0].id - 1
     request = store.new_request(["l"])
-    assert [r.id for r in store.requests_from(request.id)] == [request.id]
-    assert store.last_request_id() == request.id
+    assert [r.id for r in store.request_outcomes(request.id)] == [request.id]
+    # A pending request it was told of is read again only once it is no longer pending.
+    later = store.new_request(["l"])
+    assert store.request_outcomes(later.id + 1, {request.id}) == []
+    store.cancel_request(request.id, "")
+    outcomes = store.request_outcomes(later.id + 1, {request.id})
+    assert [(r.id, r.state) for r in outcomes] == [(request.id, "cancelled")]
+    assert store.last_request_id() == later.id

@@ -3,8 +3,9 @@
 Every state change is already an event row with a timestamp, written by whichever
 process made it, so launch, test and delete durations and failures by cause are read
 from there instead of being timed at each call site: nothing is missed, and one place
-feeds Prometheus, statsd and the dashboard alike. It runs as a launcher pass and reads
-only what is new since its cursor.
+feeds Prometheus, statsd and the dashboard alike. It looks after launcher passes (in
+the API's process, at most ten times a second) and reads only what is new since its
+cursor.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from freshpool import metrics
 from freshpool.states import NodeState, RequestState
-from freshpool.store import HistoryEvent, RequestRow, Store
+from freshpool.store import HistoryEvent, RequestOutcome, Store
 
 N = NodeState
 WINDOW = 3600.0
@@ -79,8 +80,9 @@ class Observer:
         self.gauge_every = gauge_every
         self._lock = threading.Lock()
         self._cursor: int | None = None
-        self._request_watermark = 0
-        self._finished: set[int] = set()
+        # Requests from this id on are unseen; those in _open were pending when seen.
+        self._next_request = 0
+        self._open: set[int] = set()
         self._nodes: dict[int, _Seen] = {}
         self._buckets: deque[Bucket] = deque()
         self._leaks_seen = 0
@@ -91,12 +93,12 @@ class Observer:
     # ------------------------------------------------------------- the pass
 
     def tick(self, force: bool = False) -> None:
-        """Read new node events every pass; requests, counts and gauges every `every` s.
+        """Read new node events every look; requests, counts and gauges every `every` s.
 
-        Events are read on every pass (one indexed query; nothing when nothing moved)
-        because a node's label and provider are known only while its row exists: the
-        launcher creates and removes rows in different passes, so a look after each
-        pass sees every node's row at least once, however short its life.
+        Events are read on every look (one indexed query; nothing when nothing moved)
+        because a node's label and provider are known only while its row exists: a
+        look soon after each launcher pass sees nearly every row; one created and
+        removed between two looks counts under an empty label.
         """
         now = time.time()
         with self._lock:
@@ -158,7 +160,7 @@ class Observer:
             # What happened since this process started counts; older history only charts.
             if event.at >= self._born:
                 self._measure(event, previous)
-        self._request_watermark = self._first_request_since(since)
+        self._next_request = self._first_request_since(since)
         self._scan_requests(count_since=self._born)
         if self.leaks is not None:
             self._leaks_seen = self.leaks()
@@ -241,7 +243,7 @@ class Observer:
         elif old == N.DELETING and new == N.DELETING:
             metrics.failure("delete")
 
-    def _chart_request(self, request: RequestRow) -> None:
+    def _chart_request(self, request: RequestOutcome) -> None:
         if request.state != RequestState.FULFILLED or request.fulfilled_at is None:
             return
         bucket = self._bucket_for(request.fulfilled_at)
@@ -257,14 +259,17 @@ class Observer:
     def _scan_requests(self, count_since: float = 0.0) -> None:
         """Chart (and count) requests finished since the last look.
 
-        Requests below the watermark are all finished and never read again; it sits
-        at the oldest pending request, so each look reads a short primary-key range.
+        Reads the requests that are new since the last look and those it saw pending
+        that are not any more: one request waiting an hour does not make every look
+        re-read the hour's requests.
         """
-        rows = self.store.requests_from(self._request_watermark)
+        rows = self.store.request_outcomes(self._next_request, self._open)
         for request in rows:
-            if request.state == RequestState.PENDING or request.id in self._finished:
+            self._next_request = max(self._next_request, request.id + 1)
+            if request.state == RequestState.PENDING:
+                self._open.add(request.id)
                 continue
-            self._finished.add(request.id)
+            self._open.discard(request.id)
             self._chart_request(request)
             if request.state_at < count_since:
                 continue
@@ -276,9 +281,3 @@ class Observer:
             metrics.request_done(request.tenant, request.state, wait)
             if request.state == RequestState.FAILED:
                 metrics.failure("deadline")
-        pending = [r.id for r in rows if r.state == RequestState.PENDING]
-        if pending:
-            self._request_watermark = min(pending)
-        elif rows:
-            self._request_watermark = rows[-1].id + 1
-        self._finished = {i for i in self._finished if i >= self._request_watermark}

@@ -13,7 +13,7 @@ from freshpool.store.handout import (
     first_fit_for,
     needs,
 )
-from freshpool.store.history import HistoryEvent, HistoryQueries
+from freshpool.store.history import HistoryEvent, HistoryQueries, RequestOutcome
 from freshpool.store.nodes import EventRow, NodeQueries, NodeRow
 from freshpool.store.requests import RequestQueries, RequestRow
 from freshpool.store.scheduling import SchedulingQueries
@@ -46,6 +46,7 @@ __all__ = [
     "Planner",
     "Queue",
     "Ready",
+    "RequestOutcome",
     "RequestRow",
     "StaleState",
     "Store",

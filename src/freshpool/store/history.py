@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, fields
 
 from sqlalchemy import func, select
 
+from freshpool.states import RequestState
 from freshpool.store.base import StoreBase
-from freshpool.store.requests import RequestRow
 from freshpool.store.schema import node_events, nodes, requests
 
 
@@ -22,6 +23,23 @@ class HistoryEvent:
     # None once the node's row is gone (its label is then known from earlier events).
     label: str | None
     provider: str | None
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """What the metrics need of a request."""
+
+    id: int
+    tenant: str
+    state: str
+    created_at: float
+    fulfilled_at: float | None
+    state_at: float
+
+
+_OUTCOME = [f.name for f in fields(RequestOutcome)]
+# SQLite allows 32,766 parameters per statement; stay well inside.
+_IDS_PER_QUERY = 1000
 
 
 class HistoryQueries(StoreBase):
@@ -44,7 +62,7 @@ class HistoryQueries(StoreBase):
             .limit(limit)
         )
         with self._read() as conn:
-            return [HistoryEvent(**row._mapping) for row in conn.execute(query)]
+            return [HistoryEvent(*row) for row in conn.execute(query)]
 
     def last_event_before(self, at: float) -> int:
         """A cursor from which events_after returns the events at or after `at`."""
@@ -54,11 +72,27 @@ class HistoryQueries(StoreBase):
                 return int(first) - 1
             return int(conn.scalar(select(func.max(node_events.c.id))) or 0)
 
-    def requests_from(self, first_id: int) -> list[RequestRow]:
-        """Requests with id >= first_id (a primary-key range: cheap however long the table)."""
-        query = select(requests).where(requests.c.id >= first_id).order_by(requests.c.id)
+    def request_outcomes(
+        self, first_id: int, open_ids: Collection[int] = ()
+    ) -> list[RequestOutcome]:
+        """Requests with id >= first_id, and those of `open_ids` no longer pending.
+
+        Both are primary-key lookups, so the cost follows what is new or still open,
+        not the table's length nor how long one request has waited.
+        """
+        columns = [requests.c[name] for name in _OUTCOME]
+        queries = [select(*columns).where(requests.c.id >= first_id)]
+        ids = sorted(open_ids)
+        for at in range(0, len(ids), _IDS_PER_QUERY):
+            queries.append(
+                select(*columns).where(
+                    requests.c.id.in_(ids[at : at + _IDS_PER_QUERY]),
+                    requests.c.state != RequestState.PENDING,
+                )
+            )
         with self._read() as conn:
-            return [RequestRow(**row._mapping) for row in conn.execute(query)]
+            rows = [RequestOutcome(*row) for query in queries for row in conn.execute(query)]
+        return sorted(rows, key=lambda r: r.id)
 
     def last_request_id(self) -> int:
         with self._read() as conn:
