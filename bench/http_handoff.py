@@ -87,7 +87,7 @@ api: {{port: 0}}
             store.transition(node.id, NodeState.BUILDING, NodeState.TESTING, "bench")
             store.transition(node.id, NodeState.TESTING, NodeState.READY, "bench")
     launcher = Launcher(config, store, drivers)
-    running = serving.start(config, store, launcher)
+    running = serving.start(config, launcher)
     secret = tokens.create(store, "bench")[1]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

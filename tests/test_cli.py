@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 from freshpool.drivers import ssh
@@ -221,6 +222,26 @@ def test_sigterm_stops_cleanly_and_restart_adopts(serving: tuple[Pool, subproces
         restarted.send_signal(signal.SIGTERM)
         out, _ = restarted.communicate(timeout=60)
     assert "adopted" in out
+
+
+def test_the_api_process_never_outlives_serve(serving: tuple[Pool, subprocess.Popen]) -> None:
+    """Even a serve killed with SIGKILL, which cannot stop anything itself."""
+    _pool, proc = serving
+    # multiprocessing's spawned children (its resource tracker is not one of them).
+    fronts = [
+        p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())
+    ]
+    assert len(fronts) == 1, [p.cmdline() for p in fronts]
+    proc.kill()
+    proc.wait(timeout=10)
+
+    def gone() -> bool:
+        try:
+            return fronts[0].status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, 30, "the API process to exit")
 
 
 # --------------------------------------------------------------- single use

@@ -12,6 +12,8 @@ import httpx
 import pytest
 
 from freshpool.api import serving
+from freshpool.api.front import Front, start_front
+from freshpool.api.server import bind, url_of
 from freshpool.service import tokens
 from freshpool.service.launcher import Launcher
 from tests.support import Pool
@@ -23,7 +25,8 @@ ADMIN = "ops"
 class Served:
     pool: Pool
     launcher: Launcher
-    running: serving.Running
+    # The API process (`freshpool serve`'s layout), or the front in this process.
+    running: serving.Running | Front
     url: str
     secrets: dict[str, str] = field(default_factory=dict)
     _clients: list[httpx.Client] = field(default_factory=list)
@@ -56,23 +59,38 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "") -> A
 
 @pytest.fixture
 def serve_pool(make_pool: Callable[..., Pool]) -> Iterator[Callable[..., Served]]:
-    """Start a pool like `freshpool serve` does, in this process; stop it after the test."""
+    """Start a pool like `freshpool serve` does (the launcher on a thread here, the API
+    process beside it); stop it after the test."""
     started: list[tuple[threading.Event, threading.Thread, Served]] = []
 
-    def start(api: str = "", **kwargs: Any) -> Served:
-        """`api` adds lines to the api: section, e.g. "open-status: false"."""
+    def start(api: str = "", here: bool = False, **kwargs: Any) -> Served:
+        """`api` adds lines to the api: section, e.g. "open-status: false".
+
+        `here` runs the front (scheduler, API) in this process instead, for tests that
+        reach inside it.
+        """
         extra = kwargs.pop("extra", "")
         api = f"api:\n  port: 0\n  admin-tenants: [{ADMIN}]\n" + "".join(
             f"  {line}\n" for line in api.splitlines()
         )
         pool = make_pool(extra=api + extra, **kwargs)
         launcher = pool.launcher()
-        running = serving.start(pool.config, pool.store, launcher)
+        running: serving.Running | Front
+        if here:
+            listener = bind("127.0.0.1", 0)
+            running = start_front(
+                pool.config, pool.store, listener, launcher.wake, lambda: launcher.leaks_found
+            )
+            launcher.add_pass(running.after_launcher_pass)
+            url = url_of(listener)
+        else:
+            running = serving.start(pool.config, launcher)
+            assert running.url is not None
+            url = running.url
         stop = threading.Event()
         thread = threading.Thread(target=launcher.run, args=(stop,), name="launcher", daemon=True)
         thread.start()
-        assert running.url is not None
-        served = Served(pool, launcher, running, running.url)
+        served = Served(pool, launcher, running, url)
         started.append((stop, thread, served))
         return served
 

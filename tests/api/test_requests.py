@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from freshpool.api.front import Front
 from freshpool.drivers import ssh
 from freshpool.drivers.base import SshAccess
 from tests.api.conftest import Served, wait_for
@@ -262,9 +263,10 @@ def test_a_failing_store_is_a_503_that_loses_nothing(
     """Fault injection (the database is made to fail one hand-out; nothing else is faked)."""
     from sqlalchemy.exc import OperationalError
 
-    served = serve_pool(min_ready=1, max_nodes=1)
+    served = serve_pool(min_ready=1, max_nodes=1, here=True)
     served.wait_ready(1)
-    store = served.running.services.scheduler.store
+    assert isinstance(served.running, Front)
+    store = served.running.scheduler.store
     real = store.hand_out
 
     def full_disk(new: list[Any], *args: Any) -> Any:

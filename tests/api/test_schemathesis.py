@@ -15,7 +15,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from freshpool.api import serving
+from freshpool.api.front import start_front
+from freshpool.api.server import bind, url_of
 from freshpool.config import parse
 from freshpool.service import tokens
 from freshpool.service.launcher import Launcher
@@ -45,16 +46,19 @@ tenants: [{{name: ops, weight: 2}}]
         store.transition(row.id, N.BUILDING, N.TESTING, "up")
         store.transition(row.id, N.TESTING, N.READY, "ok")
     launcher = Launcher(config, store, {})
-    running = serving.start(config, store, launcher)
-    # Keep every long-poll and event stream short: the fuzzer tries the largest waits.
+    # The front in this process, so its long-polls and event streams can be kept short
+    # (the fuzzer tries the largest waits).
+    listener = bind("127.0.0.1", 0)
+    running = start_front(config, store, listener, launcher.wake, lambda: 0)
     running.services.max_wait = 0.2
     running.services.max_stream = 0.2
+    launcher.add_pass(running.after_launcher_pass)
     stop = threading.Event()
     thread = threading.Thread(target=launcher.run, args=(stop,), daemon=True)
     thread.start()
     _token["secret"] = tokens.create(store, "ops")[1]
     try:
-        yield {"url": running.url}
+        yield {"url": url_of(listener)}
     finally:
         stop.set()
         thread.join(timeout=30)

@@ -1,4 +1,4 @@
-"""Runs the API with uvicorn in a thread of the launcher's process, on a socket bound up front."""
+"""Runs the API with uvicorn in a thread, on a socket bound up front."""
 
 from __future__ import annotations
 
@@ -17,23 +17,44 @@ class ListenError(Exception):
     """The API cannot listen where the config says."""
 
 
+def bind(listen: str, port: int) -> socket.socket:
+    """The API's listening socket. Bound by `freshpool serve` itself, before it starts
+    anything, so "address in use" is an error it reports at once; port 0 picks a free
+    port. The socket outlives an API process that dies: connections wait in its queue
+    for the next one."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            listen, port, type=socket.SOCK_STREAM
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise ListenError(
+            f"the API cannot listen on {listen}:{port}:"
+            f" {exc.strerror or exc}; set api.listen/api.port in the config"
+            " (port 0 picks a free one) or api.enabled: false"
+        ) from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
 class ApiServer:
-    def __init__(self, app: FastAPI, listen: str, port: int) -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
         self.app = app
-        self.listen = listen
-        self.port = port
-        self.url = ""
+        self.sock = sock
+        self.url = url_of(sock)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> str:
-        """Bind, serve in a thread, return the URL once requests are answered."""
-        # Binding here, in the caller's thread, turns "address in use" into an error
-        # `freshpool serve` reports before it launches anything; port 0 picks a free port.
-        sock = self._bind()
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{port}"
+        """Serve in a thread; return the URL once requests are answered."""
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -45,7 +66,7 @@ class ApiServer:
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="api", daemon=True
+            target=self._server.run, kwargs={"sockets": [self.sock]}, name="api", daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -55,23 +76,6 @@ class ApiServer:
             time.sleep(0.01)
         log.info("API and dashboard at %s (OpenAPI at %s/docs)", self.url, self.url)
         return self.url
-
-    def _bind(self) -> socket.socket:
-        try:
-            family, kind, proto, _name, address = socket.getaddrinfo(
-                self.listen, self.port, type=socket.SOCK_STREAM
-            )[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(2048)
-        except OSError as exc:
-            raise ListenError(
-                f"the API cannot listen on {self.listen}:{self.port}:"
-                f" {exc.strerror or exc}; set api.listen/api.port in the config"
-                " (port 0 picks a free one) or api.enabled: false"
-            ) from None
-        return sock
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._server is not None:

@@ -72,9 +72,10 @@ def serve(
     )
     launcher = Launcher(config, store, drivers)
     try:
-        # The request scheduler, metrics and the HTTP API (api: in the config).
-        running = serving.start(config, store, launcher)
-    except ListenError as exc:
+        # The request scheduler, metrics and the HTTP API (api: in the config), in a
+        # process of their own.
+        running = serving.start(config, launcher)
+    except (ListenError, serving.StartError) as exc:
         store.close()
         raise Exit(str(exc), 3) from None
     if running.url:
