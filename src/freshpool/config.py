@@ -261,7 +261,7 @@ class Image(_Model):
 
 
 class Api(_Model):
-    """The HTTP API and dashboard that `freshpool serve` runs in the same process."""
+    """The HTTP API and dashboard, which `freshpool serve` runs in a process beside its own."""
 
     enabled: bool = True
     # Loopback only unless the operator says otherwise; port 0 picks a free one.
