@@ -199,6 +199,10 @@ class FrontProcess:
     def _replace(self) -> None:
         assert self.process is not None and self._link is not None
         self.process.join(5)
+        if self.process.is_alive():
+            # It closed its end but lingers: one front at a time, so one scheduler.
+            self.process.kill()
+            self.process.join(10)
         self._link.close()
         young = time.monotonic() - self._started_at < YOUNG
         self._delay = min(self._delay * 2, RESTART_MOST) if young else RESTART_FIRST
