@@ -172,7 +172,6 @@ class FrontProcess:
                 if why
                 else f"the API process did not start (exit code {process.exitcode})"
             )
-        link.sock.settimeout(None)
         self.process, self._link = process, link
         self._started_at = time.monotonic()
         if self._passed:

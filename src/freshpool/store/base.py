@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Table, Update, insert, select, update
 
 from freshpool.store import db
 from freshpool.store.schema import meta
@@ -64,15 +64,17 @@ class ChangeWatcher:
             self._conn.close()
 
 
+def cas_statement(table: Table, row_id: object, expect: str, values: dict[str, Any]) -> Update:
+    """`UPDATE table SET ... WHERE id=? AND state=?`: the one way any row changes state
+    (`row_id` and `values` may be bind parameters, for many rows at once)."""
+    return update(table).where(table.c.id == row_id, table.c.state == expect).values(**values)
+
+
 def compare_and_set(
     conn: Connection, table: Table, row_id: object, expect: str, values: dict[str, Any]
 ) -> bool:
-    """`UPDATE table SET ... WHERE id=? AND state=?`: the one way any row changes state.
-
-    True if the row was in `expect` and is now changed; False if someone moved it first.
-    """
-    query = update(table).where(table.c.id == row_id, table.c.state == expect).values(**values)
-    return conn.execute(query).rowcount == 1
+    """True if the row was in `expect` and is now changed; False if someone moved it first."""
+    return conn.execute(cas_statement(table, row_id, expect, values)).rowcount == 1
 
 
 class StoreBase:

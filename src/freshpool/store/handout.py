@@ -29,12 +29,11 @@ from sqlalchemy import (
     insert,
     literal,
     select,
-    update,
 )
 
 from freshpool import states
 from freshpool.states import NodeState, RequestState
-from freshpool.store.base import StaleState, StoreBase
+from freshpool.store.base import StaleState, StoreBase, cas_statement
 from freshpool.store.nodes import NodeRow
 from freshpool.store.requests import RequestRow
 from freshpool.store.schema import node_events, nodes, requests
@@ -321,16 +320,17 @@ _READY_IDS = (
     # SQLite ignores it; BEGIN IMMEDIATE already serialises writers there.
     .with_for_update(skip_locked=True)
 )
-_CLAIM = (
-    update(nodes)
-    .where(nodes.c.id == bindparam("node"), nodes.c.state == NodeState.READY)
-    .values(
-        state=NodeState.IN_USE,
-        state_at=bindparam("at"),
-        reason=bindparam("why"),
-        request_id=bindparam("request"),
-        tenant=bindparam("for_tenant"),
-    )
+_CLAIM = cas_statement(
+    nodes,
+    bindparam("node"),
+    NodeState.READY,
+    {
+        "state": NodeState.IN_USE,
+        "state_at": bindparam("at"),
+        "reason": bindparam("why"),
+        "request_id": bindparam("request"),
+        "tenant": bindparam("for_tenant"),
+    },
 )
 # One history event per claimed node, written by the database from the claimed rows.
 _HISTORY = insert(node_events).from_select(
@@ -344,16 +344,17 @@ _HISTORY = insert(node_events).from_select(
     ).where(nodes.c.id.in_(bindparam("claimed", expanding=True))),
 )
 _CLAIMED = select(nodes).where(nodes.c.id.in_(bindparam("claimed", expanding=True)))
-_SETTLE = (
-    update(requests)
-    .where(requests.c.id == bindparam("request"), requests.c.state == RequestState.PENDING)
-    .values(
-        state=RequestState.FULFILLED,
-        state_at=bindparam("at"),
-        fulfilled_at=bindparam("at"),
-        provider=bindparam("by"),
-        reason=bindparam("why"),
-    )
+_SETTLE = cas_statement(
+    requests,
+    bindparam("request"),
+    RequestState.PENDING,
+    {
+        "state": RequestState.FULFILLED,
+        "state_at": bindparam("at"),
+        "fulfilled_at": bindparam("at"),
+        "provider": bindparam("by"),
+        "reason": bindparam("why"),
+    },
 )
 
 
