@@ -1,19 +1,17 @@
-"""Who is calling: a bearer token bound to a tenant, an admin tenant's token, or nobody."""
+"""Who is calling: a bearer token bound to a tenant, an admin tenant's token, or nobody.
 
-from __future__ import annotations
+No `from __future__ import annotations`: FastAPI reads TokenCheck.__call__'s
+signature to see that it takes the request, and it cannot resolve a string
+annotation on an instance's method (it has no module globals to look in).
+"""
 
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from freshpool.api.services import Services
-
-_bearer = HTTPBearer(
-    auto_error=False,
-    description="`freshpool token create --tenant T` prints one; send it as `Bearer TOKEN`.",
-)
 
 
 @dataclass(frozen=True)
@@ -34,14 +32,12 @@ class Caller:
         return self.admin or (not self.anonymous and tenant == self.tenant)
 
 
-# Dependencies are `async def`: FastAPI runs plain `def` ones in a worker thread, and
-# each such hop costs more than the work here (a token check is one indexed read,
-# usually answered from the checker's short cache). They are also flat (each takes
-# the request itself rather than other dependencies): FastAPI re-examines every
-# dependency on every call, and on a busy POST /requests that was half of the
-# server's time.
-
-Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+# FastAPI re-examines every dependency on every call, and on a busy POST /requests
+# that was half of the server's time. So each check is one dependency: no nested
+# ones (the token check is an HTTPBearer itself rather than depending on one, which
+# still puts the scheme in OpenAPI), and `async` (FastAPI runs a plain `def` in a
+# worker thread, a hop that costs more than the check: one indexed read, usually
+# answered from the checker's short cache).
 
 
 async def services(request: Request) -> Services:
@@ -54,31 +50,33 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-def _caller(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Caller:
-    if credentials is None:
-        return Caller(None)
-    svc: Services = request.app.state.services
-    token = svc.tokens.check(credentials.credentials)
-    if token is None:
-        raise _unauthorized("unknown or revoked token")
-    return Caller(token.tenant, admin=token.tenant in svc.config.api.admin_tenants)
+class TokenCheck(HTTPBearer):
+    """Who calls, from the bearer token; anonymous reads only where status is open."""
+
+    def __init__(self, writes: bool) -> None:
+        super().__init__(
+            auto_error=False,
+            scheme_name="HTTPBearer",
+            description="`freshpool token create --tenant T` prints one;"
+            " send it as `Bearer TOKEN`.",
+        )
+        self.writes = writes
+
+    async def __call__(self, request: Request) -> Caller:  # type: ignore[override]
+        credentials = await super().__call__(request)
+        svc: Services = request.app.state.services
+        if credentials is None:
+            if self.writes:
+                raise _unauthorized("changing anything needs a bearer token")
+            if not svc.config.api.open_status:
+                raise _unauthorized("this server's status is closed: send a bearer token")
+            return Caller(None)
+        token = svc.tokens.check(credentials.credentials)
+        if token is None:
+            raise _unauthorized("unknown or revoked token")
+        return Caller(token.tenant, admin=token.tenant in svc.config.api.admin_tenants)
 
 
-async def reader(request: Request, credentials: Bearer) -> Caller:
-    """Reads are open without a token when the config says status is open."""
-    who = _caller(request, credentials)
-    if who.anonymous and not request.app.state.services.config.api.open_status:
-        raise _unauthorized("this server's status is closed: send a bearer token")
-    return who
-
-
-async def writer(request: Request, credentials: Bearer) -> Caller:
-    who = _caller(request, credentials)
-    if who.anonymous:
-        raise _unauthorized("changing anything needs a bearer token")
-    return who
-
-
-Reader = Annotated[Caller, Depends(reader)]
-Writer = Annotated[Caller, Depends(writer)]
+Reader = Annotated[Caller, Depends(TokenCheck(writes=False))]
+Writer = Annotated[Caller, Depends(TokenCheck(writes=True))]
 Svc = Annotated[Services, Depends(services)]
