@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import shutil
+import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from freshpool.config import Config, Image, parse
+from freshpool.api import serving
+from freshpool.api.front import start_front
+from freshpool.config import Config, Image, load, parse
 from freshpool.drivers.base import load_driver
 from freshpool.images.build import build_cached
 from freshpool.service.launcher import Launcher
+from freshpool.service.observing import Observing
 from freshpool.service.scheduler import Scheduler
 from freshpool.states import BuildState
 from freshpool.store import Store
 
 RESULTS = Path(__file__).parent / "results"
+# Hand-out scenarios first let every client ask this many times untimed (ClosedLoop).
+WARM_ROUNDS = 3
 IMAGE_CACHE = Path(os.environ.get("FRESHPOOL_TEST_CACHE", "/var/tmp/freshpool-test-cache"))
 # The same definition as the tests' image, so both share one cached build.
 BENCH_IMAGE = Image(name="debian-bookworm", packages=["python3"], prefetch=["make"])
@@ -34,13 +43,58 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+@dataclass
+class ClosedLoop:
+    """Clients that each ask again as soon as answered, `total` times in all, timed
+    after the first `warm` asks.
+
+    The warm-up runs in the same flow, so what is timed is the steady state: not the
+    first instant, when every client asks at once (the burst scenario times that),
+    nor a server's first calls (caches, connections).
+    """
+
+    total: int
+    warm: int = 0
+    samples: list[float] = field(default_factory=list)
+    issued: int = 0
+    first: float = float("inf")
+    last: float = 0.0
+
+    def turn(self) -> bool | None:
+        """The next ask: None when all have been issued, else whether it is timed."""
+        if self.issued >= self.warm + self.total:
+            return None
+        self.issued += 1
+        return self.issued > self.warm
+
+    def timed(self, started: float, ended: float) -> None:
+        self.first = min(self.first, started)
+        self.last = max(self.last, ended)
+        self.samples.append((ended - started) * 1000)
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "p50_ms": round(percentile(self.samples, 50), 2),
+            "p99_ms": round(percentile(self.samples, 99), 2),
+            "per_s": round(len(self.samples) / (self.last - self.first), 1),
+            "mean_ms": round(statistics.fmean(self.samples), 2),
+        }
+
+
 def sim_providers(
-    count: int, max_nodes: int, latency: float = 0.0, rate: float = 1000.0, parallel: int = 1000
+    count: int,
+    max_nodes: int,
+    latency: float = 0.0,
+    rate: float = 1000.0,
+    parallel: int = 1000,
+    persist: bool = False,
 ) -> str:
+    """Sim providers; `persist` keeps their instances in a file, so that a launcher in
+    another process (BenchPool.serving) sees the ones this process made."""
     return "".join(
         f"  - name: sim{i}\n    driver: sim\n    max-nodes: {max_nodes}\n"
         f"    max-parallel-launches: {parallel}\n    rate: {rate}\n    boot-timeout: 30\n"
-        f"    sim: {{latency: {latency}, persist: false}}\n"
+        f"    sim: {{latency: {latency}, persist: {str(persist).lower()}}}\n"
         for i in range(count)
     )
 
@@ -117,25 +171,30 @@ images:
 
     @contextmanager
     def serving(self) -> Iterator[Scheduler]:
-        """The launcher and the scheduler on threads of their own, as `serve` runs them."""
-        self.store.checkpoint_in_background()
-        scheduler = Scheduler(self.config, self.store, short=self.launcher.wake)
-        self.launcher.add_pass(scheduler.launcher_pass)
-        stop = threading.Event()
-        threads = [
-            threading.Thread(target=self.launcher.run, args=(stop,), daemon=True),
-            threading.Thread(target=scheduler.run, args=(stop,), daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
+        """`freshpool serve`'s layout: the launcher and the observer in a process of their
+        own, the front (the scheduler; no API) in this one, linked as serve links them.
+        Sim providers need `persist` for the launcher to see this process's instances."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        launcher = multiprocessing.get_context("spawn").Process(
+            target=_launcher_main, args=(self.config_path, theirs), daemon=True
+        )
+        launcher.start()
+        theirs.close()
+        link = serving.Link(ours)
+        front = start_front(self.config, self.store, None, wake=lambda: link.send(serving.WAKE))
+        follower = threading.Thread(target=serving.follow, args=(link, front), daemon=True)
+        follower.start()
         try:
-            if not scheduler.started.wait(30):
-                raise RuntimeError("the launcher made no pass within 30 s")
-            yield scheduler
+            deadline = time.monotonic() + 60
+            while not front.scheduler.started.wait(0.1):
+                if not launcher.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"the launcher made no pass (exit code {launcher.exitcode})")
+            yield front.scheduler
         finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=30)
+            link.close()  # the launcher reads EOF and stops
+            launcher.join(60)
+            follower.join(10)
+            front.stop()
 
     def destroy(self) -> None:
         for driver in self.drivers.values():
@@ -152,6 +211,32 @@ images:
                 teardown()
         self.store.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _launcher_main(config_path: Path, end: socket.socket) -> None:
+    """The launcher's process of BenchPool.serving (spawned: a fresh interpreter)."""
+    config = load(config_path)
+    store = Store.open(config.state_dir)
+    drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
+    launcher = Launcher(config, store, drivers)
+    link = serving.Link(end)
+    launcher.add_pass(lambda: link.send(serving.PASS))
+    observing = Observing(config, launcher)
+    observing.start()
+    stop = threading.Event()
+
+    def relay() -> None:
+        while message := link.receive():
+            if message == serving.WAKE:
+                launcher.wake()
+        stop.set()
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        launcher.run(stop)
+    finally:
+        observing.stop()
+        store.close()
 
 
 def test_image() -> Path:

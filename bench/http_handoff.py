@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.__main__ import report
-from bench.common import BENCH_IMAGE, IMAGE_CACHE, percentile
+from bench.common import BENCH_IMAGE, IMAGE_CACHE, WARM_ROUNDS, ClosedLoop
 
 CONCURRENCY = (1, 10, 50)
 
@@ -138,9 +137,16 @@ class Server:
 
 
 async def hand_outs(
-    url: str, token: str, clients: int, total: int, release: bool = False, every: float = 0.0
+    url: str,
+    token: str,
+    clients: int,
+    total: int,
+    release: bool = False,
+    every: float = 0.0,
+    warm: int = 0,
 ) -> dict[str, float]:
-    """`total` hand-outs by `clients` concurrent clients; latency of each POST -> fulfilled.
+    """`total` hand-outs by `clients` concurrent clients, after `warm` untimed ones;
+    latency of each POST -> fulfilled.
 
     `every` paces each client: a request starts at most that often (seconds).
     """
@@ -148,46 +154,32 @@ async def hand_outs(
     # call at 50 connections, which would measure the client, not freshpool.
     import aiohttp
 
-    samples: list[float] = []
-    left = total
+    loop = ClosedLoop(total, warm)
     headers = {"Authorization": f"Bearer {token}"}
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(url, headers=headers, connector=connector) as http:
 
         async def one_client() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
+            while (timed := loop.turn()) is not None:
                 started = time.perf_counter()
                 async with http.post(
                     "/requests", params={"wait": "30"}, json={"labels": ["debian"]}
                 ) as response:
                     body = await response.json()
-                took = time.perf_counter() - started
+                if timed:
+                    loop.timed(started, time.perf_counter())
                 if response.status != 201 or body["state"] != "fulfilled":
                     raise RuntimeError(f"not fulfilled: {response.status} {body}")
-                samples.append(took * 1000)
                 if release:
                     async with http.post(f"/nodes/{body['nodes'][0]['id']}/release") as done:
                         await done.read()
                 if every:
                     await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
 
-        # Open the connections first, then time.
-        async def warm() -> None:
-            async with http.get("/healthz") as response:
-                await response.read()
-
-        await asyncio.gather(*(warm() for _ in range(clients)))
-        started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - started
-    return {
-        "rps": round(len(samples) / wall, 1),
-        "p50_ms": round(percentile(samples, 50), 2),
-        "p99_ms": round(percentile(samples, 99), 2),
-        "mean_ms": round(statistics.fmean(samples), 2),
-    }
+    got = loop.figures()
+    got["rps"] = got.pop("per_s")
+    return got
 
 
 def run(quick: bool, with_local: bool) -> dict[str, float]:
@@ -195,10 +187,14 @@ def run(quick: bool, with_local: bool) -> dict[str, float]:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="freshpool-http-bench-") as tmp:
         root = Path(tmp)
-        server = Server(root, sum(per.values()), "store")
+        server = Server(root, sum(per.values()) + WARM_ROUNDS * sum(CONCURRENCY), "store")
         try:
             for clients in CONCURRENCY:
-                got = asyncio.run(hand_outs(server.url, server.token, clients, per[clients]))
+                got = asyncio.run(
+                    hand_outs(
+                        server.url, server.token, clients, per[clients], warm=WARM_ROUNDS * clients
+                    )
+                )
                 print(f"store pool, {clients:>2} clients: {got}", flush=True)
                 for name, value in got.items():
                     figures[f"http_store_c{clients}_{name}"] = value

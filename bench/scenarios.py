@@ -13,7 +13,15 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import BenchPool, local_provider, percentile, sim_providers, test_image
+from bench.common import (
+    WARM_ROUNDS,
+    BenchPool,
+    ClosedLoop,
+    local_provider,
+    percentile,
+    sim_providers,
+    test_image,
+)
 from freshpool.service import handoff
 from freshpool.service.scheduler import Scheduler
 from freshpool.store import NewRequest
@@ -22,34 +30,35 @@ Figures = dict[str, float]
 
 
 def handoff_in_process(
-    root: Path, clients: tuple[int, ...] = (1, 10, 50), hand_outs: int = 1000
+    root: Path, clients: tuple[int, ...] = (1, 10, 50), hand_outs: int = 3000
 ) -> Figures:
     """Warm pool, many clients calling acquire at once: latency and throughput."""
     figures: Figures = {}
     for count in clients:
-        figures.update(_handoff(root, count, max(1, hand_outs // count)))
+        figures.update(_handoff(root, count, hand_outs))
     return figures
 
 
-def _handoff(root: Path, count: int, per_client: int) -> Figures:
+def _handoff(root: Path, count: int, total: int) -> Figures:
     """`count` clients ask at once, each again as soon as it has its node, through the
-    scheduler's asyncio entry (the one the API's handlers await), with `serve`'s
-    launcher and scheduler threads running.
+    scheduler's asyncio entry (the one the API's handlers await), in `serve`'s layout:
+    the front's scheduler and observer in this process, the launcher in its own.
 
     The pool is at its provider's max-nodes, so the launcher makes its passes (woken
     by the hand-outs) but launches no replacements: this times the hand-out, not
     the refill (fill and burst time that).
     """
-    total = count * per_client
-    pool = BenchPool(root, f"handoff-{count}", sim_providers(1, total), total)
-    samples: list[float] = []
+    loop = ClosedLoop(total, warm=WARM_ROUNDS * count)
+    nodes = loop.warm + total
+    pool = BenchPool(root, f"handoff-{count}", sim_providers(1, nodes, persist=True), nodes)
 
     async def client(scheduler: Scheduler) -> None:
-        for _ in range(per_client):
+        while (timed := loop.turn()) is not None:
             started = time.perf_counter()
             ask = NewRequest(("debian",), requestor="bench", deadline=time.time() + 10)
             row, nodes = await scheduler.submit_async(ask)
-            samples.append((time.perf_counter() - started) * 1000)
+            if timed:
+                loop.timed(started, time.perf_counter())
             if row.state != "fulfilled" or len(nodes) != 1:
                 raise RuntimeError(f"request {row.id} is {row.state}: {row.reason}")
 
@@ -57,18 +66,13 @@ def _handoff(root: Path, count: int, per_client: int) -> Figures:
         await asyncio.gather(*(client(scheduler) for _ in range(count)))
 
     try:
-        pool.run_until(lambda: pool.ready() >= total)
+        pool.run_until(lambda: pool.ready() >= nodes)
         with pool.serving() as scheduler:
-            started = time.perf_counter()
             asyncio.run(clients(scheduler))
-            wall = time.perf_counter() - started
     finally:
         pool.destroy()
-    return {
-        f"handoff_c{count}_p50_ms": round(percentile(samples, 50), 2),
-        f"handoff_c{count}_p99_ms": round(percentile(samples, 99), 2),
-        f"handoff_c{count}_per_s": round(total / wall, 1),
-    }
+    got = loop.figures()
+    return {f"handoff_c{count}_{name}": got[name] for name in ("p50_ms", "p99_ms", "per_s")}
 
 
 def fill_sim(root: Path, sizes: tuple[int, ...] = (50, 500)) -> Figures:
@@ -178,7 +182,7 @@ def burst(root: Path, warm: int = 50, requests: int = 200) -> Figures:
     Requests go to the scheduler as API requests do, all submitted at once: it
     orders and fulfils them while the launcher refills the pool.
     """
-    pool = BenchPool(root, "burst", sim_providers(1, requests + warm), warm)
+    pool = BenchPool(root, "burst", sim_providers(1, requests + warm, persist=True), warm)
     try:
         pool.run_until(lambda: pool.ready() >= warm)
         with pool.serving() as scheduler:

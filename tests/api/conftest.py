@@ -78,9 +78,7 @@ def serve_pool(make_pool: Callable[..., Pool]) -> Iterator[Callable[..., Served]
         running: serving.Running | Front
         if here:
             listener = bind("127.0.0.1", 0)
-            running = start_front(
-                pool.config, pool.store, listener, launcher.wake, lambda: launcher.leaks_found
-            )
+            running = start_front(pool.config, pool.store, listener, launcher.wake)
             launcher.add_pass(running.after_launcher_pass)
             url = url_of(listener)
         else:

@@ -1,7 +1,8 @@
 """/metrics (and its statsd mirror) after a known sequence on a real pool.
 
-Each served pool has an API process of its own, whose metrics start at zero: the
-figures scraped are the sequence's own.
+The observer runs beside the launcher, here in the test's process, so its counters
+carry over from earlier tests: each test compares what the API serves with a reading
+of this process's registry taken before its sequence.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from freshpool.drivers.base import NodeSpec
@@ -28,7 +30,15 @@ Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
 def scrape(served: Served) -> dict[Key, float]:
-    text = served.client().get("/metrics").text
+    return parse(served.client().get("/metrics").text)
+
+
+def baseline() -> dict[Key, float]:
+    """The observer's metrics in this process now."""
+    return parse(generate_latest(REGISTRY).decode())
+
+
+def parse(text: str) -> dict[Key, float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -92,6 +102,7 @@ def test_metrics_after_a_known_sequence(
         ),
         "delete_s": ("freshpool_delete_duration_seconds_count", {"provider": "local"}),
     }
+    before = baseline()
     served = serve_pool(
         min_ready=2,
         max_nodes=4,
@@ -143,7 +154,12 @@ def test_metrics_after_a_known_sequence(
 
     def caught_up() -> dict[Key, float] | None:
         now = scrape(served)
-        moved.update({k: now.get(key(n, **labels), 0) for k, (n, labels) in names.items()})
+        moved.update(
+            {
+                k: now.get(key(n, **labels), 0) - before.get(key(n, **labels), 0)
+                for k, (n, labels) in names.items()
+            }
+        )
         return now if moved == want else None
 
     try:
@@ -166,6 +182,7 @@ def test_metrics_after_a_known_sequence(
 
 def test_leaked_instances_are_counted(serve_pool: Callable[..., Served], tmp_path: Path) -> None:
     # Sweeps far enough apart that the instance below is complete before one sees it twice.
+    before = baseline().get(key("freshpool_leaked_instances_total"), 0)
     served = serve_pool(min_ready=0, extra="cleanup-interval: 2\n")
     first_pass = threading.Event()
     served.launcher.add_pass(first_pass.set)
@@ -185,7 +202,7 @@ def test_leaked_instances_are_counted(serve_pool: Callable[..., Served], tmp_pat
     )
     driver.create(spec).wait(timeout=60)
     wait_for(
-        lambda: scrape(served).get(key("freshpool_leaked_instances_total"), 0) == 1,
+        lambda: scrape(served).get(key("freshpool_leaked_instances_total"), 0) == before + 1,
         60,
         "the leak to be counted",
     )

@@ -49,7 +49,7 @@ tenants: [{{name: ops, weight: 2}}]
     # The front in this process, so its long-polls and event streams can be kept short
     # (the fuzzer tries the largest waits).
     listener = bind("127.0.0.1", 0)
-    running = start_front(config, store, listener, launcher.wake, lambda: 0)
+    running = start_front(config, store, listener, launcher.wake)
     running.services.max_wait = 0.2
     running.services.max_stream = 0.2
     launcher.add_pass(running.after_launcher_pass)

@@ -1,11 +1,12 @@
-"""/metrics: the process's metric objects, plus node and request counts read from the store."""
+"""/metrics: what the observer published (service/observing.py), plus node and request
+counts read from the store at scrape time."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -67,5 +68,6 @@ def registry_for(svc: Services) -> CollectorRegistry:
     responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
 )
 def scrape(request: Request) -> Response:
-    body = generate_latest(REGISTRY) + generate_latest(request.app.state.pool_registry)
+    svc: Services = request.app.state.services
+    body = svc.observed.read().metrics + generate_latest(request.app.state.pool_registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

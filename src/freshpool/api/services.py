@@ -1,4 +1,5 @@
-"""What the API's handlers use: config, store, scheduler, waiters, observer, token checks."""
+"""What the API's handlers use: config, store, scheduler, waiters, what the observer
+published, token checks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from freshpool.api.changes import ChangeFeed
 from freshpool.config import Config
 from freshpool.service import nodesets
-from freshpool.service.observer import Observer
+from freshpool.service.observing import Published
 from freshpool.service.scheduler import Scheduler
 from freshpool.service.tokens import TokenChecker
 from freshpool.service.waiters import Waiters
@@ -21,12 +22,12 @@ class Services:
     config: Config
     store: Store
     scheduler: Scheduler
-    observer: Observer
     # Starts the launcher's next pass at once (to delete released nodes promptly...).
     wake: Callable[[], None]
     # The longest a long-poll or an event stream is held open, in seconds.
     max_wait: float = 60.0
     max_stream: float = 3600.0
+    observed: Published = field(init=False)
     tokens: TokenChecker = field(init=False)
     changes: ChangeFeed = field(init=False)
     # nodesets.check against this config, remembered per node set: CI asks for the
@@ -34,6 +35,7 @@ class Services:
     check_set: Callable[[tuple[str, ...]], list[nodesets.Problem]] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.observed = Published(self.config.state_dir)
         self.tokens = TokenChecker(self.store)
         self.changes = ChangeFeed(self.store)
         self.check_set = functools.lru_cache(maxsize=1024)(

@@ -1,4 +1,4 @@
-"""`freshpool serve`'s second process: the front (scheduler, observer, API) beside the launcher.
+"""`freshpool serve`'s second process: the front (scheduler, API) beside the launcher.
 
 Why a process of its own: a hand-out is Python work (HTTP parsing, validation, the
 scheduler's pass) and so are the launcher's passes, driver calls and node tests. In
@@ -8,9 +8,8 @@ p99 was 50-70 ms with the launcher's passes in the process and 35 ms without the
 The two processes share the store and tell each other only what it cannot, over a
 socket pair (SOCK_SEQPACKET: a message per send, EOF when the other end is gone):
 
-    launcher -> front   b"pass N"   a launcher pass ended: nodes may be ready (the
-                                    first one lets the scheduler hand out); N leaked
-                                    instances found so far, for the metrics
+    launcher -> front   b"pass"     a launcher pass ended: nodes may be ready (the
+                                    first one lets the scheduler hand out)
     front -> launcher   b"up"       the API answers (once, first)
                         b"failed …" it could not start, and why
                         b"wake"     look now: requests wait for nodes that are not
@@ -33,10 +32,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from freshpool.api.server import bind, url_of
 from freshpool.config import Config
 from freshpool.service.launcher import Launcher
+from freshpool.service.observing import Observing
+
+if TYPE_CHECKING:
+    from freshpool.api.front import Front
 
 log = logging.getLogger("freshpool.serve")
 
@@ -96,25 +100,26 @@ def _front_main(config: Config, listener: socket.socket | None, end: socket.sock
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup(config.log_level)
     link = Link(end)
-    leaks = [0]
     store = Store.open(config.state_dir, config.database_url)
     try:
         try:
-            front = start_front(
-                config, store, listener, wake=lambda: link.send(WAKE), leaks=lambda: leaks[0]
-            )
+            front = start_front(config, store, listener, wake=lambda: link.send(WAKE))
         except Exception as exc:
             link.send(FAILED + b" " + str(exc).encode()[: MAX_MESSAGE - 16])
             raise
         link.send(UP)
-        while message := link.receive():
-            if message.startswith(PASS):
-                leaks[0] = int(message.split()[1])
-                front.after_launcher_pass()
+        follow(link, front)
         front.stop()
     finally:
         store.close()
         link.close()
+
+
+def follow(link: Link, front: Front) -> None:
+    """Act on the launcher's messages until its end of the link closes."""
+    while message := link.receive():
+        if message == PASS:
+            front.after_launcher_pass()
 
 
 # ------------------------------------------------------------- the launcher's side
@@ -128,12 +133,10 @@ class FrontProcess:
         config: Config,
         listener: socket.socket | None,
         wake: Callable[[], None],
-        leaks: Callable[[], int],
     ) -> None:
         self.config = config
         self.listener = listener
         self.wake = wake
-        self.leaks = leaks
         self.process: multiprocessing.process.BaseProcess | None = None
         self._link: Link | None = None
         self._passed = False
@@ -182,7 +185,7 @@ class FrontProcess:
         """The launcher's pass hook."""
         self._passed = True
         if self._link is not None:
-            self._link.send(PASS + b" %d" % self.leaks())
+            self._link.send(PASS)
 
     def _supervise(self) -> None:
         while not self._stopping.is_set():
@@ -237,11 +240,13 @@ class FrontProcess:
 @dataclass
 class Running:
     front: FrontProcess
+    observing: Observing
     url: str | None
     url_file: Path | None
 
     def stop(self) -> None:
         self.front.stop()
+        self.observing.stop()
         if self.front.listener is not None:
             self.front.listener.close()
         if self.url_file is not None:
@@ -250,7 +255,8 @@ class Running:
 
 
 def start(config: Config, launcher: Launcher, port: int | None = None) -> Running:
-    """Start the front process beside `launcher` and hook it into the launcher's passes.
+    """Start the front process and the observer beside `launcher`, and hook both into
+    the launcher's passes.
 
     Raises server.ListenError when the API cannot listen, StartError when the front
     does not come up; nothing has started then.
@@ -258,7 +264,7 @@ def start(config: Config, launcher: Launcher, port: int | None = None) -> Runnin
     listener = None
     if config.api.enabled:
         listener = bind(config.api.listen, config.api.port if port is None else port)
-    front = FrontProcess(config, listener, wake=launcher.wake, leaks=lambda: launcher.leaks_found)
+    front = FrontProcess(config, listener, wake=launcher.wake)
     try:
         front.start()
     except StartError:
@@ -266,10 +272,12 @@ def start(config: Config, launcher: Launcher, port: int | None = None) -> Runnin
             listener.close()
         raise
     launcher.add_pass(front.after_pass)
+    observing = Observing(config, launcher)
+    observing.start()
     url = url_file = None
     if listener is not None:
         url = url_of(listener)
         # Where clients on this host (and tests using port 0) find the API.
         url_file = config.state_dir / URL_FILE
         url_file.write_text(url + "\n")
-    return Running(front, url, url_file)
+    return Running(front, observing, url, url_file)

@@ -52,7 +52,7 @@ def snapshot(svc: Services, who: Caller, version: int) -> Status:
         ],
         recent=[RequestOut.of(r, [out(who, n) for n in held[r.id]]) for r in recent],
         builds=build_list(svc, limit=10),
-        history=svc.observer.history(),
+        history=svc.observed.read().history,
     )
 
 

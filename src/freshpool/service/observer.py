@@ -4,8 +4,8 @@ Every state change is already an event row with a timestamp, written by whicheve
 process made it, so launch, test and delete durations and failures by cause are read
 from there instead of being timed at each call site: nothing is missed, and one place
 feeds Prometheus, statsd and the dashboard alike. It looks after launcher passes (in
-the API's process, at most ten times a second) and reads only what is new since its
-cursor.
+the launcher's process, at most ten times a second; see observing.py) and reads only
+what is new since its cursor.
 """
 
 from __future__ import annotations
