@@ -13,6 +13,7 @@ compare-and-set and never gives a node to two requests.
 from __future__ import annotations
 
 import functools
+import operator
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -419,20 +420,26 @@ def _execute_many(conn: Connection, statement: Executable, rows: list[dict[str, 
     """executemany of `statement` as SQLAlchemy writes it for this database, without its
     per-row parameter processing (~5 µs a row here; these rows hold plain values).
     Returns the number of rows changed."""
-    sql, order, fixed = _compiled(statement, conn.dialect)
-    if order is None:
+    sql, in_order, fixed = _compiled(statement, conn.dialect)
+    if in_order is None:
         params: list[Any] = [{**fixed, **row} for row in rows]
     else:
-        params = [tuple({**fixed, **row}[k] for k in order) for row in rows]
+        params = [in_order({**fixed, **row}) for row in rows]
     return conn.exec_driver_sql(sql, params).rowcount
 
 
 @functools.cache
 def _compiled(
     statement: Executable, dialect: Dialect
-) -> tuple[str, list[str] | None, dict[str, Any]]:
+) -> tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]] | None, dict[str, Any]]:
+    """The SQL, what puts a row's values in its positional order (None for a driver
+    with named parameters), and the statement's own values."""
     compiled = statement.compile(dialect=dialect)
     # The statement's own literals (the states compared and set) have values here;
     # the named bindparams the rows fill in are None.
     fixed = {k: v for k, v in compiled.params.items() if v is not None}
-    return compiled.string, compiled.positiontup, fixed
+    order = compiled.positiontup
+    # The claim and settle statements take several values (itemgetter of one key
+    # would return the value, not a 1-tuple).
+    assert order is None or len(order) > 1
+    return compiled.string, None if order is None else operator.itemgetter(*order), fixed
