@@ -9,6 +9,8 @@ import platform
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from freshpool.api import serving
-from freshpool.api.front import start_front
 from freshpool.config import Config, Image, load, parse
 from freshpool.drivers.base import load_driver
 from freshpool.images.build import build_cached
@@ -174,6 +174,11 @@ images:
         """`freshpool serve`'s layout: the launcher and the observer in a process of their
         own, the front (the scheduler; no API) in this one, linked as serve links them.
         Sim providers need `persist` for the launcher to see this process's instances."""
+        # Here, not at the top: the API's modules would count in the scale scenario's
+        # memory, which is the launcher's alone.
+        from freshpool.api import serving
+        from freshpool.api.front import start_front
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         launcher = multiprocessing.get_context("spawn").Process(
             target=_launcher_main, args=(self.config_path, theirs), daemon=True
@@ -215,6 +220,8 @@ images:
 
 def _launcher_main(config_path: Path, end: socket.socket) -> None:
     """The launcher's process of BenchPool.serving (spawned: a fresh interpreter)."""
+    from freshpool.api import serving
+
     config = load(config_path)
     store = Store.open(config.state_dir)
     drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
@@ -241,6 +248,51 @@ def _launcher_main(config_path: Path, end: socket.socket) -> None:
 
 def test_image() -> Path:
     return build_cached(BENCH_IMAGE, IMAGE_CACHE)
+
+
+def host_reference_ms() -> float:
+    """Milliseconds for a fixed piece of pure-Python work (median of five): how fast
+    this host runs right now. On this project's CI kind of VM, runs of the same code
+    vary by 15-40% from minute to minute; a figure that moved with this one moved
+    with the host, not with freshpool."""
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i * i % 7
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
+_ECHO = "import socket,sys\ns=socket.socket(fileno=int(sys.argv[1]))\nwhile b:=s.recv(1): s.send(b)"
+
+
+def host_wakeup_us(rounds: int = 2000) -> float:
+    """Microseconds for a one-byte round trip to another process (median): how fast
+    this host wakes a waiting process on the other core right now, which the CPU
+    reference does not show and every hand-out over HTTP pays several times."""
+    ours, theirs = socket.socketpair()
+    echo = subprocess.Popen(
+        [sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+    times = []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            ours.send(b"x")
+            ours.recv(1)
+            times.append((time.perf_counter() - started) * 1e6)
+    finally:
+        ours.close()
+        echo.wait(10)
+    return round(statistics.median(times), 1)
+
+
+def host_now() -> tuple[float, float]:
+    """(host_reference_ms, host_wakeup_us)."""
+    return host_reference_ms(), host_wakeup_us()
 
 
 def machine() -> str:

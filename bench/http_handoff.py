@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.__main__ import report
-from bench.common import BENCH_IMAGE, IMAGE_CACHE, WARM_ROUNDS, ClosedLoop
+from bench.common import BENCH_IMAGE, IMAGE_CACHE, WARM_ROUNDS, ClosedLoop, host_now
 
 CONCURRENCY = (1, 10, 50)
 
@@ -195,7 +195,12 @@ def run(quick: bool, with_local: bool) -> dict[str, float]:
                         server.url, server.token, clients, per[clients], warm=WARM_ROUNDS * clients
                     )
                 )
-                print(f"store pool, {clients:>2} clients: {got}", flush=True)
+                cpu, wakeup = host_now()
+                print(
+                    f"store pool, {clients:>2} clients: {got};"
+                    f" host reference {cpu} ms, wake-up {wakeup} us",
+                    flush=True,
+                )
                 for name, value in got.items():
                     figures[f"http_store_c{clients}_{name}"] = value
         finally:

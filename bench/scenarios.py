@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -220,7 +222,20 @@ def scale(
     latency: float = 1.0,
     rate: float = 10.0,
 ) -> Figures:
-    """Many nodes over many slow, rate-limited sim providers: does our loop keep up?"""
+    """Many nodes over many slow, rate-limited sim providers: does our loop keep up?
+
+    Runs in a process of its own, as serve's launcher does, so that its memory is the
+    launcher's and not what earlier scenarios loaded (the in-process hand-out loads
+    the API's modules).
+    """
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as worker:
+        return worker.submit(_scale_sizes, root, sizes, providers, latency, rate).result()
+
+
+def _scale_sizes(
+    root: Path, sizes: tuple[int, ...], providers: int, latency: float, rate: float
+) -> Figures:
     figures: Figures = {}
     for n in sizes:
         figures.update(_scale(root, n, providers, latency, rate))
