@@ -95,7 +95,11 @@ api: {{port: 0}}
     if driver == "local":
         while len(store.nodes(["ready"])) < nodes and not stop.is_set():
             time.sleep(0.05)
-    (state_dir / "bench.json").write_text(json.dumps({"url": running.url, "token": secret}))
+    # Written whole, then renamed: the client polls for this file and must not read
+    # half of it.
+    part = state_dir / "bench.json.part"
+    part.write_text(json.dumps({"url": running.url, "token": secret}))
+    part.rename(state_dir / "bench.json")
     stop.wait()
     thread.join(timeout=120)
     running.stop()
