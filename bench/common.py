@@ -233,10 +233,8 @@ def _launcher_main(config_path: Path, end: socket.socket) -> None:
     stop = threading.Event()
 
     def relay() -> None:
-        while message := link.receive():
-            if message == serving.WAKE:
-                launcher.wake()
-        stop.set()
+        serving.relay_wakes(link, launcher.wake)
+        stop.set()  # the bench closed its end
 
     threading.Thread(target=relay, daemon=True).start()
     try:

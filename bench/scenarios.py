@@ -44,7 +44,7 @@ def handoff_in_process(
 def _handoff(root: Path, count: int, total: int) -> Figures:
     """`count` clients ask at once, each again as soon as it has its node, through the
     scheduler's asyncio entry (the one the API's handlers await), in `serve`'s layout:
-    the front's scheduler and observer in this process, the launcher in its own.
+    the front's scheduler in this process, the launcher and observer in their own.
 
     The pool is at its provider's max-nodes, so the launcher makes its passes (woken
     by the hand-outs) but launches no replacements: this times the hand-out, not

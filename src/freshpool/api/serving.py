@@ -116,10 +116,18 @@ def _front_main(config: Config, listener: socket.socket | None, end: socket.sock
 
 
 def follow(link: Link, front: Front) -> None:
-    """Act on the launcher's messages until its end of the link closes."""
+    """The front's side: act on the launcher's messages until its end closes."""
     while message := link.receive():
         if message == PASS:
             front.after_launcher_pass()
+
+
+def relay_wakes(link: Link, wake: Callable[[], None]) -> None:
+    """The launcher's side: call `wake` for each of the front's wakes until its end
+    closes."""
+    while message := link.receive():
+        if message == WAKE:
+            wake()
 
 
 # ------------------------------------------------------------- the launcher's side
@@ -189,11 +197,8 @@ class FrontProcess:
 
     def _supervise(self) -> None:
         while not self._stopping.is_set():
-            link = self._link
-            assert link is not None
-            while message := link.receive():
-                if message == WAKE:
-                    self.wake()
+            assert self._link is not None
+            relay_wakes(self._link, self.wake)
             if self._stopping.is_set():
                 return
             self._replace()
