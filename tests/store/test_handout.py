@@ -52,8 +52,23 @@ def test_a_batch_queues_and_serves_in_one_go_and_matches_each_caller(store: Stor
         assert stored == row  # what the caller got is what the store has
         for node in done.nodes_of(row.id):
             assert (node.state, node.request_id, node.tenant) == ("in-use", row.id, row.tenant)
+            # The hand-out builds the claimed rows itself rather than read them again.
+            assert node == store.node(node.id)
             assert [e.to_state for e in store.events(node.id)][-1] == NodeState.IN_USE
     assert done.pending == {done.created[3].id, done.created[4].id}
+
+
+def test_a_batch_bigger_than_one_insert_matches_every_caller(store: Store) -> None:
+    for _ in range(150):
+        ready_node(store, "a")
+    asked = [NewRequest(("a",), requestor=f"job-{i}") for i in range(250)]
+    done = store.hand_out(asked, everyone(["p"]), ["p"])
+    assert [r.requestor for r in done.created] == [n.requestor for n in asked]
+    assert len({r.id for r in done.created}) == 250
+    assert [r.state for r in done.created] == ["fulfilled"] * 150 + ["pending"] * 100
+    handed = [n.id for r in done.created for n in done.nodes_of(r.id)]
+    assert len(handed) == len(set(handed)) == 150
+    assert all(store.request(r.id) == r for r in done.created)
 
 
 def test_placements_the_pool_cannot_honour_leave_requests_pending(store: Store) -> None:
