@@ -18,6 +18,10 @@ from freshpool.config import Config
 from freshpool.service.scheduler import Scheduler
 from freshpool.store import Store
 
+# Allocations between young collections, and young (then middle) collections between
+# older ones.
+GC_THRESHOLDS = (20_000, 50, 100)
+
 
 @dataclass
 class Front:
@@ -65,4 +69,9 @@ def start_front(
     # lives as long as the process: keep it out of the collector's full passes. With
     # it in, each full collection scanned it all and stalled every thread 40-60 ms.
     gc.freeze()
+    # A hand-out over HTTP allocates thousands of objects, nearly all freed at once;
+    # at the default threshold (700) the collector made a young pass every call or
+    # two. At 50 HTTP clients: 9-13% more hand-outs/s, p99 4-7 ms lower (paired runs
+    # on a calm host; better in all five pairs).
+    gc.set_threshold(*GC_THRESHOLDS)
     return Front(services, server, thread, stopping)
