@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -215,13 +216,19 @@ def test_sigterm_stops_cleanly_and_restart_adopts(serving: tuple[Pool, subproces
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert restarted.stdout is not None
+    lines: list[str] = []
+    # Read as it runs: stopping it at a fixed time raced its start-up on a slow host
+    # (a SIGTERM before serve handles it ends it silently).
+    reader = threading.Thread(target=lambda: lines.extend(restarted.stdout or []), daemon=True)
+    reader.start()
     try:
-        time.sleep(2)
+        wait_for(lambda: any("adopted" in line for line in lines), 60, "the nodes' adoption")
         assert ready_before <= {n.id for n in pool.store.nodes(["ready"])}
     finally:
         restarted.send_signal(signal.SIGTERM)
-        out, _ = restarted.communicate(timeout=60)
-    assert "adopted" in out
+        assert restarted.wait(timeout=60) == 0
+        reader.join(10)
 
 
 def test_the_api_process_never_outlives_serve(serving: tuple[Pool, subprocess.Popen]) -> None:
