@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Dialect, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -79,11 +80,19 @@ def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
             # On the driver's connection: through exec_driver_sql this BEGIN went
             # through SQLAlchemy's execution path (an empty write transaction took
             # 136 us here, now 99; a hand-out pass of one request is ~400).
-            try:
+            with driver_errors(conn.dialect, "BEGIN IMMEDIATE"):
                 conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                # As SQLAlchemy would raise it: callers (the API's 503) know its errors.
-                raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+
+
+@contextmanager
+def driver_errors(dialect: Dialect, statement: str, params: object = ()) -> Iterator[None]:
+    """Re-raise the driver's errors in work done on its connection directly as
+    SQLAlchemy would raise them: callers (the API's 503) know those."""
+    base = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except base as exc:
+        raise DBAPIError.instance(statement, params, exc, base, dialect=dialect) from exc
 
 
 def _alembic_config(connection) -> AlembicConfig:  # type: ignore[no-untyped-def]

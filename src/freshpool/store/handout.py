@@ -31,11 +31,11 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.exc import DBAPIError
 
 from freshpool import states
 from freshpool.states import NodeState, RequestState
 from freshpool.store.base import StaleState, StoreBase, cas_statement
+from freshpool.store.db import driver_errors
 from freshpool.store.nodes import NodeRow
 from freshpool.store.requests import RequestRow
 from freshpool.store.schema import node_events, nodes, requests
@@ -355,16 +355,15 @@ _READY_ROWS = (
     # SQLite ignores it; BEGIN IMMEDIATE already serialises writers there.
     .with_for_update(skip_locked=True)
 )
+# What a claim sets on a node row besides its state: column -> the move's key.
+_CLAIM_SETS = {"state_at": "at", "reason": "why", "request_id": "request", "tenant": "for_tenant"}
 _CLAIM = cas_statement(
     nodes,
     bindparam("node"),
     NodeState.READY,
     {
         "state": NodeState.IN_USE,
-        "state_at": bindparam("at"),
-        "reason": bindparam("why"),
-        "request_id": bindparam("request"),
-        "tenant": bindparam("for_tenant"),
+        **{column: bindparam(key) for column, key in _CLAIM_SETS.items()},
     },
 )
 # One history event per claimed node.
@@ -375,11 +374,9 @@ _HISTORY = insert(node_events).values(
     to_state=NodeState.IN_USE.value,
     reason=bindparam("why"),
 )
-# Where a claim changes a node row (the claim's compare-and-set sets exactly these).
-_STATE, _STATE_AT, _REASON, _REQUEST_ID, _TENANT = (
-    list(nodes.c.keys()).index(name)
-    for name in ("state", "state_at", "reason", "request_id", "tenant")
-)
+# Where in a node row the claim's columns are.
+_STATE = list(nodes.c.keys()).index("state")
+_CLAIM_AT = [(list(nodes.c.keys()).index(column), key) for column, key in _CLAIM_SETS.items()]
 _SETTLE = cas_statement(
     requests,
     bindparam("request"),
@@ -400,17 +397,21 @@ def _claim(
     """Move every claimed node ready -> in-use and settle its request: all or nothing."""
     states.check_node(NodeState.READY, NodeState.IN_USE)
     states.check_request(RequestState.PENDING, RequestState.FULFILLED)
-    moves = [
-        {
-            "node": node[0],
-            "at": now,
-            "why": f"handed to request {request.id}",
-            "request": request.id,
-            "for_tenant": request.tenant,
-        }
+    # Per claim, one move per node: the values its compare-and-set writes.
+    moves_of = [
+        [
+            {
+                "node": node[0],
+                "at": now,
+                "why": f"handed to request {request.id}",
+                "request": request.id,
+                "for_tenant": request.tenant,
+            }
+            for node in picked
+        ]
         for request, _, picked in claims
-        for node in picked
     ]
+    moves = [move for claim_moves in moves_of for move in claim_moves]
     # Compare-and-set, many rows at once: if any node left `ready` under us, or any
     # request stopped pending, the whole transaction rolls back and nothing is handed.
     if _execute_many(conn, _CLAIM, moves) != len(moves):
@@ -443,21 +444,21 @@ def _claim(
                 provider,
                 now,
             ),
-            [_claimed(node, request, now) for node in picked],
+            [_claimed(node, move) for node, move in zip(picked, claim_moves, strict=True)],
         )
-        for (request, provider, picked), settle in zip(claims, settles, strict=True)
+        for (request, provider, picked), settle, claim_moves in zip(
+            claims, settles, moves_of, strict=True
+        )
     }
 
 
-def _claimed(row: tuple[Any, ...], request: RequestRow, now: float) -> NodeRow:
-    """A picked node's row as the claim left it (the compare-and-set succeeded, on a
+def _claimed(row: tuple[Any, ...], move: dict[str, Any]) -> NodeRow:
+    """A picked node's row as its move left it (the compare-and-set succeeded, on a
     row that was, column for column, this one: the transaction holds it)."""
     values = list(row)
     values[_STATE] = NodeState.IN_USE.value
-    values[_STATE_AT] = now
-    values[_REASON] = f"handed to request {request.id}"
-    values[_REQUEST_ID] = request.id
-    values[_TENANT] = request.tenant
+    for index, key in _CLAIM_AT:
+        values[index] = move[key]
     return NodeRow(*values)
 
 
@@ -494,16 +495,14 @@ def _execute_many(conn: Connection, statement: Executable, rows: list[dict[str, 
 def _execute(conn: Connection, plain: _Plain, params: Any, many: bool) -> Any:
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        if many:
-            cursor.executemany(plain.sql, params)
-        else:
-            cursor.execute(plain.sql, params)
-    except conn.dialect.loaded_dbapi.Error as exc:
+        with driver_errors(conn.dialect, plain.sql, params):
+            if many:
+                cursor.executemany(plain.sql, params)
+            else:
+                cursor.execute(plain.sql, params)
+    except BaseException:
         cursor.close()
-        # As SQLAlchemy would raise it: callers (the API's 503) know its errors.
-        raise DBAPIError.instance(
-            plain.sql, params, exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
-        ) from exc
+        raise
     return cursor
 
 
