@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata, resources
@@ -75,7 +77,7 @@ def create_app(svc: Services) -> FastAPI:
                     f" (this one came as {sent}; with curl use --json)",
                 }
             problems.append(problem)
-        return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
+        return JSONResponse({"detail": _finite(jsonable_encoder(problems))}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -151,6 +153,21 @@ def _honest_openapi(app: FastAPI, open_reads: bool) -> None:
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _finite(value: Any) -> Any:
+    """`value` with each NaN or infinity as the text it was sent as.
+
+    Python's json reads `NaN` and `Infinity` in a body, and an error echoes the
+    input; strict JSON has no such numbers, so the answer could not be written.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _methods_for(app: FastAPI, request: Request) -> list[str]:
