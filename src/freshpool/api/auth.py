@@ -44,6 +44,14 @@ async def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
+def token_caller(svc: Services, secret: str) -> Caller | None:
+    """Who holds bearer token `secret`; None for an unknown or revoked token."""
+    token = svc.tokens.check(secret)
+    if token is None:
+        return None
+    return Caller(token.tenant, admin=token.tenant in svc.config.api.admin_tenants)
+
+
 def _unauthorized(message: str) -> HTTPException:
     return HTTPException(
         status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"}
@@ -71,10 +79,10 @@ class TokenCheck(HTTPBearer):
             if not svc.config.api.open_status:
                 raise _unauthorized("this server's status is closed: send a bearer token")
             return Caller(None)
-        token = svc.tokens.check(credentials.credentials)
-        if token is None:
+        caller = token_caller(svc, credentials.credentials)
+        if caller is None:
             raise _unauthorized("unknown or revoked token")
-        return Caller(token.tenant, admin=token.tenant in svc.config.api.admin_tenants)
+        return caller
 
 
 Reader = Annotated[Caller, Depends(TokenCheck(writes=False))]

@@ -7,17 +7,20 @@ the real class in each handler's signature.
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from fastapi.security.utils import get_authorization_scheme_param
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import Field, create_model
+from pydantic import Field, TypeAdapter, ValidationError, create_model
 
-from freshpool.api.auth import Caller, Reader, Svc, Writer
+from freshpool.api.auth import Caller, Reader, Svc, Writer, token_caller
 from freshpool.api.models import ErrorOut, NodeOut, Number, RequestOut, TenantName, _In
 from freshpool.api.nodes import MAX_ID, out
+from freshpool.api.quick import quick_route
 from freshpool.api.services import Services
 from freshpool.api.strict import StrictQueryRoute
 from freshpool.service import nodesets
@@ -113,6 +116,59 @@ async def wait_for(svc: Services, request_id: int, seconds: float) -> RequestRow
         svc.waiters.unwatch(request_id, changed)
 
 
+class Asked(Protocol):
+    """POST /requests' body (its model is made per app, see request_model)."""
+
+    labels: list[str]
+    requestor: str
+    tenant: str | None
+    priority: int
+    timeout: float | None
+
+
+async def create_request(svc: Services, who: Caller, body: Asked, wait: float) -> Response:
+    tenant = body.tenant or who.tenant
+    if tenant != who.tenant and not who.admin:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this token is tenant {who.tenant!r}; only an admin token may ask for {tenant!r}",
+        )
+    problems = svc.check_set(tuple(body.labels))
+    if problems:
+        raise HTTPException(
+            422,
+            [
+                {"loc": ["body", *p.where], "msg": p.message, "type": "value_error"}
+                for p in problems
+            ],
+        )
+    # The scheduler stores it with its next pass and, when the pool has the set
+    # ready, hands it over in the same transaction (and wakes the launcher if not).
+    row, nodes = await svc.scheduler.submit_async(
+        nodesets.new_request(
+            svc.config,
+            body.labels,
+            requestor=body.requestor,
+            tenant=tenant,
+            priority=body.priority,
+            timeout=body.timeout,
+        )
+    )
+    if wait > 0 and row.state == RequestState.PENDING:
+        row = await wait_for(svc, row.id, wait)
+        answer = request_out(svc, who, row)
+    else:
+        answer = RequestOut.of(row, [out(who, n) for n in nodes])
+    # The model is built by us and serialised once by pydantic; FastAPI would
+    # validate it again against the response model, the dearest step of a call.
+    return Response(
+        answer.model_dump_json(),
+        status_code=status.HTTP_201_CREATED,
+        media_type="application/json",
+        headers={"Location": f"/requests/{row.id}"},
+    )
+
+
 def streamed_request(svc: Svc, who: Reader, request_id: RequestId) -> RequestRow:
     # Checked before the stream starts, so a missing request is a 404, not a broken stream.
     return visible_request(svc, who, request_id)
@@ -120,62 +176,59 @@ def streamed_request(svc: Svc, who: Reader, request_id: RequestId) -> RequestRow
 
 def router(labels: list[str], most: int) -> APIRouter:
     RequestIn = request_model(labels, most)
+    wait_of = TypeAdapter(Wait)
     api = APIRouter(
         prefix="/requests", tags=["requests"], responses=_ERRORS, route_class=StrictQueryRoute
     )
 
-    @api.post(
+    async def quick_create(request: Request) -> Response | None:
+        """POST /requests, when FastAPI would accept the call as it is; else None.
+
+        Each check below mirrors what FastAPI does for `create`'s parameters: the
+        same query parameter type, the same bearer parsing, json.loads then the
+        same model. Anything it does not accept goes to FastAPI for its error.
+        """
+        query = request.query_params
+        if any(name != "wait" for name in query):
+            return None
+        scheme, secret = get_authorization_scheme_param(request.headers.get("authorization"))
+        if scheme.lower() != "bearer" or not secret:
+            return None
+        kind = request.headers.get("content-type", "").partition(";")[0]
+        if kind.strip().lower() != "application/json":
+            return None
+        try:
+            raw = await request.body()
+        except Exception:
+            # The client went away mid-body: FastAPI answers that (a 400) as ever.
+            return None
+        try:
+            wait = wait_of.validate_python(query.get("wait", 0))
+            body = RequestIn.model_validate(json.loads(raw))
+        except (ValueError, ValidationError):
+            return None
+        svc: Services = request.app.state.services
+        who = token_caller(svc, secret)
+        if who is None:
+            return None
+        return await create_request(svc, who, body, wait)
+
+    async def create(request: Request, who: Writer, body: RequestIn, wait: Wait = 0) -> Response:
+        # Services straight from the app, not as a dependency: FastAPI's per-call
+        # cost grows with each dependency.
+        return await create_request(request.app.state.services, who, body, wait)
+
+    api.add_api_route(
         "",
+        create,
+        methods=["POST"],
         status_code=status.HTTP_201_CREATED,
         response_model=RequestOut,
         summary="Ask for a node set",
         description="Queues the request and, with `wait`, holds the call until it is"
         " fulfilled or failed (or `wait` runs out; then it is still pending).",
+        route_class_override=quick_route(quick_create),
     )
-    async def create(request: Request, who: Writer, body: RequestIn, wait: Wait = 0) -> Response:
-        # Services straight from the app, not as a dependency: this is the call CI
-        # makes most, and FastAPI's per-call cost grows with each dependency.
-        svc: Services = request.app.state.services
-        tenant = body.tenant or who.tenant
-        if tenant != who.tenant and not who.admin:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                f"this token is tenant {who.tenant!r}; only an admin token may ask for {tenant!r}",
-            )
-        problems = svc.check_set(tuple(body.labels))
-        if problems:
-            raise HTTPException(
-                422,
-                [
-                    {"loc": ["body", *p.where], "msg": p.message, "type": "value_error"}
-                    for p in problems
-                ],
-            )
-        # The scheduler stores it with its next pass and, when the pool has the set
-        # ready, hands it over in the same transaction (and wakes the launcher if not).
-        row, nodes = await svc.scheduler.submit_async(
-            nodesets.new_request(
-                svc.config,
-                body.labels,
-                requestor=body.requestor,
-                tenant=tenant,
-                priority=body.priority,
-                timeout=body.timeout,
-            )
-        )
-        if wait > 0 and row.state == RequestState.PENDING:
-            row = await wait_for(svc, row.id, wait)
-            answer = request_out(svc, who, row)
-        else:
-            answer = RequestOut.of(row, [out(who, n) for n in nodes])
-        # The model is built by us and serialised once by pydantic; FastAPI would
-        # validate it again against the response model, the dearest step of a call.
-        return Response(
-            answer.model_dump_json(),
-            status_code=status.HTTP_201_CREATED,
-            media_type="application/json",
-            headers={"Location": f"/requests/{row.id}"},
-        )
 
     @api.get("", summary="List requests, newest first")
     def list_requests(
