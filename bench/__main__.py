@@ -11,8 +11,8 @@ Scenarios (all by default; real local nodes need root):
   scale      1,000 / 5,000 / 10,000 nodes over 20 sim providers, 1 s latency, 10 calls/s each
   logs       log lines per node lifecycle at the default level
   http       warm-pool hand-out over HTTP against `serve`'s stack in another process,
-             1/10/50 clients, then one client on 20 real local nodes (needs aiohttp:
-             pip install -e .[bench]; also alone as python -m bench.http_handoff)
+             1/10/50 clients, then one client on 20 real local nodes (also alone as
+             python -m bench.http_handoff)
 
 Each figure is printed beside its target and the previous run's value. Results go
 to bench/results/latest.json (the run before is kept as previous.json).
@@ -40,7 +40,7 @@ from bench.common import RESULTS, host_now, machine
 
 def http(_root: Path, quick: bool = False) -> dict[str, float]:
     """bench.http_handoff's scenarios (store-row pool at 1/10/50 clients, real nodes)."""
-    from bench import http_handoff  # needs aiohttp (`pip install -e .[bench]`)
+    from bench import http_handoff
 
     return http_handoff.run(quick, with_local=True)
 

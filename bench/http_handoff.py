@@ -1,8 +1,9 @@
 """`python -m bench.http_handoff`: warm-pool hand-out over HTTP, POST /requests to fulfilled.
 
 The server is `freshpool serve`'s own stack (launcher loop, scheduler, API under
-uvicorn) in a separate process; the clients are httpx in this one, 1, 10 and 50 at
-a time, each sending `POST /requests?wait=…` and timing until the fulfilled answer.
+uvicorn) in a separate process; the clients are in this one (bench/keepalive.py, one
+keep-alive connection each), 1, 10 and 50 at a time, each sending
+`POST /requests?wait=…` and timing until the fulfilled answer.
 
 Two pools:
   store   thousands of ready nodes made through the store API with no instance
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from bench.__main__ import report
 from bench.common import BENCH_IMAGE, IMAGE_CACHE, WARM_ROUNDS, ClosedLoop, host_now
+from bench.keepalive import Connection, request_bytes
 
 CONCURRENCY = (1, 10, 50)
 
@@ -154,33 +156,29 @@ async def hand_outs(
 
     `every` paces each client: a request starts at most that often (seconds).
     """
-    # aiohttp drives the load: httpx's client costs several times the server's CPU per
-    # call at 50 connections, which would measure the client, not freshpool.
-    import aiohttp
-
     loop = ClosedLoop(total, warm)
-    headers = {"Authorization": f"Bearer {token}"}
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(url, headers=headers, connector=connector) as http:
+    auth = {"Authorization": f"Bearer {token}"}
+    ask = request_bytes("POST", "/requests?wait=30", auth, {"labels": ["debian"]})
 
-        async def one_client() -> None:
+    async def one_client() -> None:
+        http = await Connection.open(url)
+        try:
             while (timed := loop.turn()) is not None:
                 started = time.perf_counter()
-                async with http.post(
-                    "/requests", params={"wait": "30"}, json={"labels": ["debian"]}
-                ) as response:
-                    body = await response.json()
+                status, body = await http.call(ask)
                 if timed:
                     loop.timed(started, time.perf_counter())
-                if response.status != 201 or body["state"] != "fulfilled":
-                    raise RuntimeError(f"not fulfilled: {response.status} {body}")
+                if status != 201 or body["state"] != "fulfilled":
+                    raise RuntimeError(f"not fulfilled: {status} {body}")
                 if release:
-                    async with http.post(f"/nodes/{body['nodes'][0]['id']}/release") as done:
-                        await done.read()
+                    node = body["nodes"][0]["id"]
+                    await http.call(request_bytes("POST", f"/nodes/{node}/release", auth))
                 if every:
                     await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
+        finally:
+            http.close()
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     got = loop.figures()
     got["rps"] = got.pop("per_s")
     return got
