@@ -7,7 +7,7 @@ a plain function that accepts only a call FastAPI would accept too, and answers
 it. For anything else (no token, a bad query, a body that does not validate) that
 function returns None before it has changed anything, and FastAPI handles the
 call as it always did. So every error's status, order and shape stay FastAPI's,
-and so do the OpenAPI schema and the strict query check.
+and so does the OpenAPI schema; the strict query check runs before either.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def quick_route(quick: Quick) -> type[StrictQueryRoute]:
     """A route class whose calls go to `quick` first."""
 
     class QuickRoute(StrictQueryRoute):
-        def get_route_handler(self) -> Handler:
-            full = super().get_route_handler()
+        def checked_handler(self) -> Handler:
+            # Inside the strict query check: `quick` sees only known parameters.
+            full = super().checked_handler()
 
             async def handler(request: Request) -> Response:
                 # The body `quick` read stays cached on the request, for FastAPI.

@@ -184,13 +184,11 @@ def router(labels: list[str], most: int) -> APIRouter:
     async def quick_create(request: Request) -> Response | None:
         """POST /requests, when FastAPI would accept the call as it is; else None.
 
-        Each check below mirrors what FastAPI does for `create`'s parameters: the
-        same query parameter type, the same bearer parsing, json.loads then the
-        same model. Anything it does not accept goes to FastAPI for its error.
+        It runs after the route's strict query check. Each check below mirrors
+        what FastAPI does for `create`'s parameters: the same query parameter
+        type, the same bearer parsing, json.loads then the same model. Anything
+        it does not accept goes to FastAPI for its error.
         """
-        query = request.query_params
-        if any(name != "wait" for name in query):
-            return None
         scheme, secret = get_authorization_scheme_param(request.headers.get("authorization"))
         if scheme.lower() != "bearer" or not secret:
             return None
@@ -203,7 +201,7 @@ def router(labels: list[str], most: int) -> APIRouter:
             # The client went away mid-body: FastAPI answers that (a 400) as ever.
             return None
         try:
-            wait = wait_of.validate_python(query.get("wait", 0))
+            wait = wait_of.validate_python(request.query_params.get("wait", 0))
             body = RequestIn.model_validate(json.loads(raw))
         except (ValueError, ValidationError):
             return None

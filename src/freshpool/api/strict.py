@@ -20,7 +20,7 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 class StrictQueryRoute(APIRoute):
     def get_route_handler(self) -> Handler:
-        handler = super().get_route_handler()
+        handler = self.checked_handler()
         known = frozenset(_query_names(self.dependant))
 
         async def strict(request: Request) -> Response:
@@ -41,6 +41,10 @@ class StrictQueryRoute(APIRoute):
             return await handler(request)
 
         return strict
+
+    def checked_handler(self) -> Handler:
+        """What runs once the query is known to be right: FastAPI's own handler."""
+        return super().get_route_handler()
 
 
 def _query_names(dependant: Dependant) -> Iterator[str]:
