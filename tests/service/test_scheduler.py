@@ -7,19 +7,22 @@ these tests slow without testing anything more of the order).
 
 from __future__ import annotations
 
+import asyncio
 import random
+import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from freshpool.config import Config, parse
 from freshpool.service.scheduler import FairShare, Scheduler
 from freshpool.states import NodeState, RequestState
-from freshpool.store import NewRequest, RequestRow, Store
+from freshpool.store import NewRequest, NodeRow, RequestRow, Store, WriteBusy, first_fit_for
 
 N = NodeState
 
@@ -264,3 +267,102 @@ def test_a_cli_acquire_served_by_a_running_scheduler_gets_its_nodes(
     ((node,),) = got
     assert node.state == NodeState.IN_USE
     scheduler.store.close()
+
+
+# ------------------------------------------------------- passes on the event loop
+
+
+def hold_write_lock(tmp_path: Path) -> sqlite3.Connection:
+    """Another process's writer, as SQLite sees it: a connection of its own, in a
+    write transaction."""
+    other = sqlite3.connect(tmp_path / "freshpool.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_a_write_that_must_not_wait_refuses_at_once_and_does_nothing(
+    tmp_path: Path, store: Store
+) -> None:
+    make_ready(store, "small")
+    ask = [NewRequest(("small",), requestor="job")]
+    other = hold_write_lock(tmp_path)
+    refused: list[BaseException] = []
+
+    def hand_out() -> None:
+        try:
+            store.hand_out(ask, first_fit_for(["local"]), ["local"], wait=False)
+        except BaseException as exc:
+            refused.append(exc)
+
+    try:
+        # The busy timeout is 30 s: a write that waited would still be waiting.
+        trying = threading.Thread(target=hand_out)
+        trying.start()
+        trying.join(10)
+        assert not trying.is_alive(), "the write waited for the lock"
+        assert [type(e) for e in refused] == [WriteBusy]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.pending_requests() == []
+    assert len(store.nodes(["ready"])) == 1
+    # The same call goes through once the lock is free, and waiting writes still wait.
+    done = store.hand_out(ask, first_fit_for(["local"]), ["local"], wait=False)
+    assert [r.state for r in done.created] == [RequestState.FULFILLED]
+
+
+def test_passes_on_the_event_loop_never_stall_it_and_lose_nothing(
+    tmp_path: Path, store: Store
+) -> None:
+    """Another process holds the write lock: the loop's pass hands its requests to the
+    scheduler's thread, which waits its turn; requests submitted while that thread
+    passes wait for it to end. The loop runs on all along; every request is served
+    once, with nodes of its own."""
+    scheduler = Scheduler(config(tmp_path), store)
+    make_ready(store, "small", 30)
+    scheduler.launcher_pass()
+    stop, thread = running(scheduler)
+
+    def ask(name: str) -> Coroutine[Any, Any, tuple[RequestRow, list[NodeRow]]]:
+        return scheduler.submit_async(NewRequest(("small",), requestor=name))
+
+    async def scenario() -> list[tuple[RequestRow, list[NodeRow]]]:
+        served_at_once = await asyncio.wait_for(
+            asyncio.gather(*(ask(f"a{i}") for i in range(10))), 30
+        )
+        other = hold_write_lock(tmp_path)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        try:
+            blocked = [asyncio.create_task(ask(f"b{i}")) for i in range(10)]
+            await asyncio.sleep(0.3)
+            late = [asyncio.create_task(ask(f"c{i}")) for i in range(5)]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in blocked + late)
+            assert ticks >= 5, "the event loop stalled while another process wrote"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        served_after = await asyncio.wait_for(asyncio.gather(*blocked, *late), 30)
+        ticker.cancel()
+        return [*served_at_once, *served_after]
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        stop.set()
+        thread.join(10)
+    names = [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)]
+    assert [row.requestor for row, _ in outcomes] == names + [f"c{i}" for i in range(5)]
+    assert {row.state for row, _ in outcomes} == {RequestState.FULFILLED}
+    handed = [node.id for _, nodes in outcomes for node in nodes]
+    assert len(handed) == len(set(handed)) == 25
+    assert len(store.nodes(["ready"])) == 5
+    assert all(store.node(n).state == NodeState.IN_USE for n in handed)

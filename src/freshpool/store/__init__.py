@@ -1,6 +1,6 @@
 """The state store (SQLAlchemy; SQLite by default). One class made of one mixin per table group."""
 
-from freshpool.store.base import ChangeWatcher, NotFound, StaleState
+from freshpool.store.base import ChangeWatcher, NotFound, StaleState, WriteBusy
 from freshpool.store.builds import BuildQueries, BuildRow
 from freshpool.store.handout import (
     HandOut,
@@ -52,6 +52,7 @@ __all__ = [
     "Store",
     "TokenRow",
     "UploadRow",
+    "WriteBusy",
     "first_fit",
     "first_fit_for",
     "needs",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from sqlalchemy import Connection, Engine, Table, Update, insert, select, update
+from sqlalchemy.exc import OperationalError
 
 from freshpool.store import db
 from freshpool.store.schema import meta
@@ -22,6 +23,11 @@ class StaleState(Exception):
 
 class NotFound(LookupError):
     pass
+
+
+class WriteBusy(Exception):
+    """Another writer holds the write lock now, and this write was not to wait for it.
+    Nothing was done."""
 
 
 class ChangeWatcher:
@@ -85,6 +91,8 @@ class StoreBase:
         self.engine = db.make_engine(url, self._sqlite)
         # Reads take a snapshot without the write lock (see db._tune_sqlite).
         self._reader = self.engine.execution_options(readonly=True)
+        # Writes that must not wait for the lock (see _write).
+        self._at_once = self.engine.execution_options(at_once=True)
         self._write_lock = threading.Lock()
         self._local = threading.local()
         db.upgrade(self.engine)
@@ -111,13 +119,35 @@ class StoreBase:
         self.engine.dispose()
         self._checkpointer = db.Checkpointer(self.engine)
 
+    @property
+    def writes_never_block(self) -> bool:
+        """Whether a write that finds the write lock free runs without waiting on
+        anything: true for SQLite (a local file whose commits do not sync; the
+        checkpoints that do run on their own thread), false for a server's database,
+        where each statement is a round trip."""
+        return self.engine.dialect.name == "sqlite"
+
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, wait: bool = True) -> Iterator[Connection]:
+        """A write transaction. With `wait` false it raises WriteBusy at once, having
+        done nothing, if another writer holds the lock (SQLite only)."""
         # Threads of one process (API, launcher) queue here for SQLite's single write
         # lock: waiting on SQLite's busy handler instead sleeps in steps of up to
         # 100 ms, which turns a 1 ms hand-out into a long one under load.
-        with self._write_lock, self.engine.begin() as conn:
-            yield conn
+        if not self._write_lock.acquire(blocking=wait):
+            raise WriteBusy("another thread of this process is writing")
+        try:
+            with (self.engine if wait else self._at_once).connect() as conn:
+                try:
+                    transaction = conn.begin()
+                except OperationalError as exc:
+                    if wait or not db.is_busy(exc):
+                        raise
+                    raise WriteBusy("another process is writing") from exc
+                with transaction:
+                    yield conn
+        finally:
+            self._write_lock.release()
         self._local.writes = self.writes_here() + 1
 
     def writes_here(self) -> int:

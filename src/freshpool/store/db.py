@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,8 +81,24 @@ def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
             # On the driver's connection: through exec_driver_sql this BEGIN went
             # through SQLAlchemy's execution path (an empty write transaction took
             # 136 us here, now 99; a hand-out pass of one request is ~400).
-            with driver_errors(conn.dialect, "BEGIN IMMEDIATE"):
-                conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+            driver = conn.connection.driver_connection
+            if conn.get_execution_options().get("at_once", False):
+                # Fail at once if another process holds the lock, instead of sleeping
+                # in the busy handler; the transaction itself then never waits.
+                driver.execute("PRAGMA busy_timeout=0")
+                try:
+                    with driver_errors(conn.dialect, "BEGIN IMMEDIATE"):
+                        driver.execute("BEGIN IMMEDIATE")
+                finally:
+                    driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            else:
+                with driver_errors(conn.dialect, "BEGIN IMMEDIATE"):
+                    driver.execute("BEGIN IMMEDIATE")
+
+
+def is_busy(error: DBAPIError) -> bool:
+    """Whether SQLite refused for a lock another connection holds."""
+    return getattr(error.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
 
 
 @contextmanager

@@ -134,17 +134,22 @@ class HandOutQueries(StoreBase):
         return self.hand_out([ask], lambda _queue: [], []).created[0]
 
     def hand_out(
-        self, new: Sequence[NewRequest], plan: Planner, providers: Sequence[str]
+        self,
+        new: Sequence[NewRequest],
+        plan: Planner,
+        providers: Sequence[str],
+        wait: bool = True,
     ) -> HandOut:
         """Queue `new`, then hand pending requests their sets as `plan` places them.
 
         `plan` sees the queue and the ready nodes of `providers` inside the
         transaction and returns placements. A placement
         the pool cannot honour (on PostgreSQL another claimer may hold the rows)
-        leaves that request pending.
+        leaves that request pending. With `wait` false it raises WriteBusy, having
+        done nothing, if another writer holds the lock.
         """
         now = time.time()
-        with self._write() as conn:
+        with self._write(wait) as conn:
             # The queue as it was, then this hand-out's requests behind it.
             pending = _pending(conn)
             created_ids = _insert(conn, new, now)
