@@ -207,18 +207,26 @@ class Scheduler:
                 return
             inbox = self._loop_inbox.pop(loop)
         try:
-            if not self.started.is_set():
-                raise WriteBusy("the launcher has not passed yet: only queue, on the thread")
-            self._pass(inbox, serve=True, wait=False)
-        except WriteBusy:
+            # Before the launcher's first pass the thread only queues them.
+            handed = self.started.is_set() and self._pass_at_once(inbox)
+        finally:
+            self._passing.release()
+        if not handed:
             with self._lock:
                 self._inbox[:0] = inbox
             self.poke()
+
+    def _pass_at_once(self, inbox: list[tuple[NewRequest, ReplyTo]]) -> bool:
+        """A pass that does not wait for the write lock: False, having done nothing,
+        if another writer holds it."""
+        try:
+            self._pass(inbox, serve=True, wait=False)
+        except WriteBusy:
+            return False
         except Exception:
             # The submitters got the error, as from the thread's passes.
             log.exception("scheduler pass failed")
-        finally:
-            self._passing.release()
+        return True
 
     # -------------------------------------------------------------- passes
 
@@ -335,7 +343,8 @@ class Scheduler:
 
         A hand-out then waits for no launch, test or delete the launcher is advancing:
         with real nodes, a launcher pass that starts or tests nodes takes tens of ms.
-        The launcher pokes after each of its passes, submit() on each new request.
+        The launcher pokes after each of its passes, submit() on each new request
+        (submit_async() only when its pass cannot run on its event loop).
         """
         while not stop.is_set():
             if self._poked.wait(idle):
