@@ -82,18 +82,17 @@ def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
             # through SQLAlchemy's execution path (an empty write transaction took
             # 136 us here, now 99; a hand-out pass of one request is ~400).
             driver = conn.connection.driver_connection
-            if conn.get_execution_options().get("at_once", False):
-                # Fail at once if another process holds the lock, instead of sleeping
-                # in the busy handler; the transaction itself then never waits.
+            # At once: fail if another process holds the lock, instead of sleeping
+            # in the busy handler; the transaction itself then never waits.
+            at_once = conn.get_execution_options().get("at_once", False)
+            if at_once:
                 driver.execute("PRAGMA busy_timeout=0")
-                try:
-                    with driver_errors(conn.dialect, "BEGIN IMMEDIATE"):
-                        driver.execute("BEGIN IMMEDIATE")
-                finally:
-                    driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            else:
+            try:
                 with driver_errors(conn.dialect, "BEGIN IMMEDIATE"):
                     driver.execute("BEGIN IMMEDIATE")
+            finally:
+                if at_once:
+                    driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def is_busy(error: DBAPIError) -> bool:
