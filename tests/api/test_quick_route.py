@@ -1,7 +1,8 @@
 """POST /requests' quick path answers every call exactly as FastAPI's own handling does.
 
 Two apps, each on a real store with a running scheduler, get the same calls: one
-has the quick path, the other FastAPI's handling alone. Their answers must be the
+is what the API server runs (the quick path in front of FastAPI), the other
+FastAPI's app alone. Their answers must be the
 same for well-formed calls and for each kind of bad one. The well-formed calls
 must also be answered by the quick path itself: if it silently stopped applying
 (a FastAPI upgrade, a changed model), hand-outs would get slow with no error.
@@ -21,13 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
-from freshpool.api import requests as requests_api
-from freshpool.api.app import create_app
+from freshpool.api.app import create_app, served_app
 from freshpool.api.front import Front, start_front
-from freshpool.api.quick import Quick, quick_route
-from freshpool.api.strict import StrictQueryRoute
+from freshpool.api.quick import QuickCalls
 from freshpool.config import parse
 from freshpool.service import tokens
 from freshpool.states import NodeState
@@ -42,14 +41,14 @@ PER_STORE = {"created_at", "state_at", "ready_at", "fulfilled_at", "deadline", "
 
 @dataclass
 class Served:
-    app: FastAPI
+    app: ASGIApp
     front: Front
     secrets: dict[str, str]
     # For each call the quick path saw: whether it answered (or raised) itself.
     answered: list[bool] = field(default_factory=list)
 
 
-def _serve(state: Path, with_quick: bool, monkeypatch: pytest.MonkeyPatch) -> Served:
+def _serve(state: Path, with_quick: bool) -> Served:
     config = parse(f"""
 state-dir: {state}
 providers: [{{name: local, max-nodes: 4}}]
@@ -67,12 +66,15 @@ api: {{port: 0, admin-tenants: [ops]}}
     front = start_front(config, store, None, wake=lambda: None)
     front.after_launcher_pass()
     served = Served(
-        app=FastAPI(),  # replaced below, once the route class is chosen
+        # What the API server runs, or FastAPI's app alone.
+        app=served_app(front.services) if with_quick else create_app(front.services),
         front=front,
         secrets={t: tokens.create(store, t)[1] for t in TENANTS},
     )
+    if isinstance(served.app, QuickCalls):
+        assert list(served.app.quick) == [("POST", "/requests")]
+        quick = served.app.quick[("POST", "/requests")]
 
-    def spied(quick: Quick) -> type[StrictQueryRoute]:
         async def spy(request: Any) -> Any:
             try:
                 answer = await quick(request)
@@ -82,19 +84,14 @@ api: {{port: 0, admin-tenants: [ops]}}
             served.answered.append(answer is not None)
             return answer
 
-        return quick_route(spy)
-
-    monkeypatch.setattr(
-        requests_api, "quick_route", spied if with_quick else (lambda _q: StrictQueryRoute)
-    )
-    served.app = create_app(front.services)
+        served.app.quick[("POST", "/requests")] = spy
     return served
 
 
 @pytest.fixture
-def apps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Served, Served]]:
-    quick = _serve(tmp_path / "quick", True, monkeypatch)
-    full = _serve(tmp_path / "full", False, monkeypatch)
+def apps(tmp_path: Path) -> Iterator[tuple[Served, Served]]:
+    quick = _serve(tmp_path / "quick", True)
+    full = _serve(tmp_path / "full", False)
     yield quick, full
     for served in (quick, full):
         served.front.stop()

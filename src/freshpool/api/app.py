@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from freshpool.api import metrics, nodes, pool, requests, status
+from freshpool.api.quick import QuickCalls
 from freshpool.api.services import Services
 from freshpool.states import InvalidTransition
 from freshpool.store import NotFound, StaleState
@@ -113,10 +114,12 @@ def create_app(svc: Services) -> FastAPI:
     async def _invalid(_request: Request, exc: InvalidTransition) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    # Requests first: routes are matched in order, and POST /requests is the call
-    # CI makes most (each route tried before it costs microseconds on every call).
+    # Requests first: routes are matched in order, and /requests is what CI calls
+    # most (each route tried before it costs microseconds on every call).
     most = max(p.max_nodes for p in svc.config.providers)
-    app.include_router(requests.router([x.name for x in svc.config.labels], most))
+    requests_routes, quick_create = requests.router([x.name for x in svc.config.labels], most)
+    app.include_router(requests_routes)
+    app.state.quick = {("POST", requests_routes.prefix): quick_create}
     app.include_router(pool.router)
     app.include_router(nodes.router)
     app.include_router(status.router)
@@ -125,6 +128,12 @@ def create_app(svc: Services) -> FastAPI:
     static = Path(str(resources.files("freshpool.api").joinpath("static")))
     app.mount("/static", StaticFiles(directory=static), name="static")
     return app
+
+
+def served_app(svc: Services) -> QuickCalls:
+    """What the API server runs: the app, with its quick calls in front (quick.py)."""
+    app = create_app(svc)
+    return QuickCalls(app, app.state.quick)
 
 
 def _honest_openapi(app: FastAPI, open_reads: bool) -> None:

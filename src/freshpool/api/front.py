@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from freshpool.api.app import create_app
+from freshpool.api.app import served_app
 from freshpool.api.server import ApiServer
 from freshpool.api.services import Services
 from freshpool.config import Config
@@ -60,7 +60,7 @@ def start_front(
     services = Services(config, store, scheduler, wake=wake)
     server = None
     if listener is not None:
-        server = ApiServer(create_app(services), listener)
+        server = ApiServer(served_app(services), listener)
         server.start()
     stopping = threading.Event()
     thread = threading.Thread(target=scheduler.run, args=(stopping,), name="scheduler", daemon=True)

@@ -20,9 +20,9 @@ from pydantic import Field, TypeAdapter, ValidationError, create_model
 from freshpool.api.auth import Caller, Reader, Svc, Writer, token_caller
 from freshpool.api.models import ErrorOut, NodeOut, Number, RequestOut, TenantName, _In
 from freshpool.api.nodes import MAX_ID, out
-from freshpool.api.quick import quick_route
+from freshpool.api.quick import Quick
 from freshpool.api.services import Services
-from freshpool.api.strict import StrictQueryRoute
+from freshpool.api.strict import StrictQueryRoute, query_names
 from freshpool.service import nodesets
 from freshpool.states import RequestState
 from freshpool.store import NotFound, RequestRow
@@ -174,7 +174,8 @@ def streamed_request(svc: Svc, who: Reader, request_id: RequestId) -> RequestRow
     return visible_request(svc, who, request_id)
 
 
-def router(labels: list[str], most: int) -> APIRouter:
+def router(labels: list[str], most: int) -> tuple[APIRouter, Quick]:
+    """The routes, and the quick function for POST /requests (see quick.py)."""
     RequestIn = request_model(labels, most)
     wait_of = TypeAdapter(Wait)
     api = APIRouter(
@@ -184,11 +185,13 @@ def router(labels: list[str], most: int) -> APIRouter:
     async def quick_create(request: Request) -> Response | None:
         """POST /requests, when FastAPI would accept the call as it is; else None.
 
-        It runs after the route's strict query check. Each check below mirrors
-        what FastAPI does for `create`'s parameters: the same query parameter
-        type, the same bearer parsing, json.loads then the same model. Anything
-        it does not accept goes to FastAPI for its error.
+        It runs in front of FastAPI (see quick.py). Each check below mirrors what
+        FastAPI does for `create`'s parameters: the route's strict query check,
+        the same query parameter type, the same bearer parsing, json.loads then
+        the same model. Anything it does not accept goes to FastAPI for its error.
         """
+        if not known.issuperset(request.query_params):
+            return None
         scheme, secret = get_authorization_scheme_param(request.headers.get("authorization"))
         if scheme.lower() != "bearer" or not secret:
             return None
@@ -225,8 +228,8 @@ def router(labels: list[str], most: int) -> APIRouter:
         summary="Ask for a node set",
         description="Queues the request and, with `wait`, holds the call until it is"
         " fulfilled or failed (or `wait` runs out; then it is still pending).",
-        route_class_override=quick_route(quick_create),
     )
+    known = frozenset(query_names(api.routes[-1].dependant))  # type: ignore[attr-defined]
 
     @api.get("", summary="List requests, newest first")
     def list_requests(
@@ -308,4 +311,4 @@ def router(labels: list[str], most: int) -> APIRouter:
         svc.wake()
         return [out(who, n) for n in released]
 
-    return api
+    return api, quick_create

@@ -8,7 +8,7 @@ import threading
 import time
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 log = logging.getLogger("freshpool.api")
 
@@ -46,7 +46,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 class ApiServer:
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(self, app: ASGIApp, sock: socket.socket) -> None:
         self.app = app
         self.sock = sock
         self.url = url_of(sock)

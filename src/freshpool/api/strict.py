@@ -20,8 +20,8 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 class StrictQueryRoute(APIRoute):
     def get_route_handler(self) -> Handler:
-        handler = self.checked_handler()
-        known = frozenset(_query_names(self.dependant))
+        handler = super().get_route_handler()
+        known = frozenset(query_names(self.dependant))
 
         async def strict(request: Request) -> Response:
             unknown = [name for name in request.query_params if name not in known]
@@ -42,12 +42,8 @@ class StrictQueryRoute(APIRoute):
 
         return strict
 
-    def checked_handler(self) -> Handler:
-        """What runs once the query is known to be right: FastAPI's own handler."""
-        return super().get_route_handler()
 
-
-def _query_names(dependant: Dependant) -> Iterator[str]:
+def query_names(dependant: Dependant) -> Iterator[str]:
     yield from (q.alias for q in dependant.query_params)
     for sub in dependant.dependencies:
-        yield from _query_names(sub)
+        yield from query_names(sub)
