@@ -366,3 +366,30 @@ def test_passes_on_the_event_loop_never_stall_it_and_lose_nothing(
     assert len(handed) == len(set(handed)) == 25
     assert len(store.nodes(["ready"])) == 5
     assert all(store.node(n).state == NodeState.IN_USE for n in handed)
+
+
+def test_after_a_launcher_pass_waiting_requests_are_served_on_the_event_loop(
+    tmp_path: Path, store: Store
+) -> None:
+    """Nodes turn ready and the launcher passes: the loop the requests came from
+    serves them, with no pass on the scheduler's thread (it is not even running)."""
+    scheduler = Scheduler(config(tmp_path), store)
+    scheduler.launcher_pass()  # no loop yet: a poke for a thread that is not there
+
+    async def scenario() -> list[RequestRow]:
+        asked = await asyncio.gather(
+            *(scheduler.submit_async(NewRequest(("small",), requestor=f"j{i}")) for i in range(3))
+        )
+        assert {row.state for row, _ in asked} == {RequestState.PENDING}
+        make_ready(store, "small", 2)
+        # From another thread, as the front's link to the launcher calls it.
+        threading.Thread(target=scheduler.launcher_pass).start()
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if len(store.nodes(["ready"])) == 0:
+                break
+        return [store.request(row.id) for row, _ in asked]
+
+    after = asyncio.run(scenario())
+    assert [row.state for row in after] == [RequestState.FULFILLED] * 2 + [RequestState.PENDING]
+    assert [n.request_id for n in store.nodes(["in-use"])] == [after[0].id, after[1].id]
