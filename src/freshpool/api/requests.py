@@ -22,7 +22,7 @@ from freshpool.api.models import ErrorOut, NodeOut, Number, RequestOut, TenantNa
 from freshpool.api.nodes import MAX_ID, out
 from freshpool.api.quick import Quick
 from freshpool.api.services import Services
-from freshpool.api.strict import StrictQueryRoute, query_names
+from freshpool.api.strict import StrictQueryRoute
 from freshpool.service import nodesets
 from freshpool.states import RequestState
 from freshpool.store import NotFound, RequestRow
@@ -190,7 +190,7 @@ def router(labels: list[str], most: int) -> tuple[APIRouter, Quick]:
         the same query parameter type, the same bearer parsing, json.loads then
         the same model. Anything it does not accept goes to FastAPI for its error.
         """
-        if not known.issuperset(request.query_params):
+        if route.unknown_query(request):
             return None
         scheme, secret = get_authorization_scheme_param(request.headers.get("authorization"))
         if scheme.lower() != "bearer" or not secret:
@@ -229,7 +229,7 @@ def router(labels: list[str], most: int) -> tuple[APIRouter, Quick]:
         description="Queues the request and, with `wait`, holds the call until it is"
         " fulfilled or failed (or `wait` runs out; then it is still pending).",
     )
-    known = frozenset(query_names(api.routes[-1].dependant))  # type: ignore[attr-defined]
+    route: StrictQueryRoute = api.routes[-1]  # type: ignore[assignment]
 
     @api.get("", summary="List requests, newest first")
     def list_requests(

@@ -8,6 +8,7 @@ call, and one more on each call of POST /requests cost more than the check.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterator
+from functools import cached_property
 from typing import Any
 
 from fastapi import Request, Response
@@ -19,12 +20,21 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 class StrictQueryRoute(APIRoute):
+    @cached_property
+    def known_query(self) -> frozenset[str]:
+        """The query parameters this route takes."""
+        return frozenset(_query_names(self.dependant))
+
+    def unknown_query(self, request: Request) -> list[str]:
+        """The call's query parameters this route does not take."""
+        return [name for name in request.query_params if name not in self.known_query]
+
     def get_route_handler(self) -> Handler:
         handler = super().get_route_handler()
-        known = frozenset(query_names(self.dependant))
+        known = self.known_query
 
         async def strict(request: Request) -> Response:
-            unknown = [name for name in request.query_params if name not in known]
+            unknown = self.unknown_query(request)
             if unknown:
                 raise RequestValidationError(
                     [
@@ -43,7 +53,7 @@ class StrictQueryRoute(APIRoute):
         return strict
 
 
-def query_names(dependant: Dependant) -> Iterator[str]:
+def _query_names(dependant: Dependant) -> Iterator[str]:
     yield from (q.alias for q in dependant.query_params)
     for sub in dependant.dependencies:
-        yield from query_names(sub)
+        yield from _query_names(sub)

@@ -209,27 +209,30 @@ class Scheduler:
                 self._deferred.add(loop)
                 return
             inbox = self._loop_inbox.pop(loop)
+        self._pass_at_once(inbox)
+
+    def _pass_at_once(self, inbox: list[tuple[NewRequest, ReplyTo]]) -> None:
+        """With the pass lock held (it is released here): a pass that does not wait
+        for the write lock, or, if another writer holds it, the thread's pass for
+        `inbox`, which waits its turn."""
+        handed = False
         try:
             # Before the launcher's first pass the thread only queues them.
-            handed = self.started.is_set() and self._pass_at_once(inbox)
+            if self.started.is_set():
+                self._pass(inbox, serve=True, wait=False)
+                handed = True
+        except WriteBusy:
+            pass
+        except Exception:
+            # The submitters got the error, as from the thread's passes.
+            log.exception("scheduler pass failed")
+            handed = True
         finally:
             self._passing.release()
         if not handed:
             with self._lock:
                 self._inbox[:0] = inbox
             self.poke()
-
-    def _pass_at_once(self, inbox: list[tuple[NewRequest, ReplyTo]]) -> bool:
-        """A pass that does not wait for the write lock: False, having done nothing,
-        if another writer holds it."""
-        try:
-            self._pass(inbox, serve=True, wait=False)
-        except WriteBusy:
-            return False
-        except Exception:
-            # The submitters got the error, as from the thread's passes.
-            log.exception("scheduler pass failed")
-        return True
 
     # -------------------------------------------------------------- passes
 
@@ -361,12 +364,7 @@ class Scheduler:
             if not self._passing.acquire(blocking=False):
                 self.poke()
                 return
-        try:
-            handed = self._pass_at_once([])
-        finally:
-            self._passing.release()
-        if not handed:
-            self.poke()
+        self._pass_at_once([])
 
     def poke(self) -> None:
         """Run a pass now (thread-safe): a request arrived, or a node became ready."""
