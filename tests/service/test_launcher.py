@@ -29,6 +29,32 @@ def test_fills_to_min_ready_with_tested_nodes(make_pool: Callable[..., Pool]) ->
     assert len(pool.store.nodes()) == 3
 
 
+def test_a_pass_writes_its_launches_rows_at_once_before_any_instance(
+    make_pool: Callable[..., Pool],
+) -> None:
+    """A pass writes all its new rows in one transaction, then calls the provider:
+    a crash between the two leaves rows (recovery removes them), never an
+    instance without a row. One transaction per node made a big pass slow."""
+    pool = make_pool(min_ready=4)
+    launcher = pool.launcher()
+    rows_at_create: list[int] = []
+    driver = launcher.drivers["local"]
+    create = driver.create
+
+    def counting_create(spec: NodeSpec):  # type: ignore[no-untyped-def]
+        rows_at_create.append(len(pool.store.nodes()))
+        return create(spec)
+
+    driver.create = counting_create  # type: ignore[method-assign]
+    writes = pool.store.writes_here()
+    launcher.reconcile()
+    assert rows_at_create == [4, 4, 4, 4]
+    # The rows' transaction, and at most one each for the creates and the tests
+    # that finished within the pass: never one per node.
+    assert pool.store.writes_here() - writes <= 3
+    pool.fill(launcher, 4)
+
+
 def test_used_node_is_deleted_and_replaced_never_reused(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(min_ready=2)
     launcher = pool.launcher()

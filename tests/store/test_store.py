@@ -9,6 +9,7 @@ from sqlalchemy import inspect
 
 from freshpool.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
+from freshpool.store.nodes import Move
 
 N = NodeState
 
@@ -74,6 +75,52 @@ def test_node_ids_are_never_reused(store: Store) -> None:
     store.move(first, N.DELETING, "x")
     store.remove_node(first, "gone")
     assert ready_node(store) > first
+
+
+def test_new_nodes_writes_every_row_with_its_own_hostname_and_history(store: Store) -> None:
+    rows = store.new_nodes("l", "p", "b1", "fp-l", 5)
+    assert [r.hostname for r in rows] == [f"fp-l-{r.id}" for r in rows]
+    assert len({r.id for r in rows}) == 5
+    assert rows == [store.node(r.id) for r in rows]  # as written, column for column
+    for row in rows:
+        assert row.state == N.BUILDING
+        assert [(e.from_state, e.to_state) for e in store.events(row.id)] == [(None, "building")]
+    assert store.new_nodes("l", "p", "b1", "fp-l", 0) == []
+
+
+def test_transitions_move_each_node_that_is_where_expected_and_only_those(store: Store) -> None:
+    building = store.new_nodes("l", "p", "b1", "fp-l", 3)
+    moved = ready_node(store)
+    moves = [
+        Move(building[0].id, N.BUILDING, N.TESTING, "up", {"external_id": "i-0"}),
+        Move(moved, N.TESTING, N.READY, "tested"),  # it is ready already: stale
+        Move(building[2].id, N.BUILDING, N.TESTING, "up", {"access": {"host": "h", "port": 22}}),
+    ]
+    first, stale, third = store.transitions(moves)
+    assert isinstance(stale, StaleState)
+    assert f"node {moved} is ready, not testing" in str(stale)
+    assert (first.state, first.external_id, first.reason) == (N.TESTING, "i-0", "up")
+    assert third.access == {"host": "h", "port": 22}
+    assert store.node(building[1].id).state == N.BUILDING  # not in the batch
+    # History only for the moves that happened; the stale one left none.
+    assert [e.to_state for e in store.events(moved)] == ["building", "testing", "ready"]
+    assert [e.to_state for e in store.events(first.id)] == ["building", "testing"]
+    (ready,) = store.transitions([Move(first.id, N.TESTING, N.READY, "tested")])
+    assert not isinstance(ready, StaleState) and ready.ready_at == ready.state_at
+    with pytest.raises(InvalidTransition):  # checked against the state table first
+        store.transitions([Move(third.id, N.TESTING, N.IN_USE, "skip the test")])
+    assert store.node(third.id).state == N.TESTING
+
+
+def test_remove_nodes_removes_only_deleting_rows(store: Store) -> None:
+    gone, kept = ready_node(store), ready_node(store)
+    store.move(gone, N.DELETING, "x")
+    first, second = store.remove_nodes([(gone, "instance gone"), (kept, "wrong")])
+    assert first is None and isinstance(second, StaleState)
+    assert store.node(kept).state == N.READY
+    with pytest.raises(LookupError):
+        store.node(gone)
+    assert store.events(gone)[-1].reason == "instance gone"
 
 
 def test_fulfil_hands_a_node_set_from_one_provider(store: Store) -> None:

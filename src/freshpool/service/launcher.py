@@ -43,6 +43,7 @@ from freshpool.states import (
 )
 from freshpool.store import NodeRow, StaleState, Store
 from freshpool.store.builds import ServingBuild
+from freshpool.store.nodes import Move
 
 # Passes that change nothing, started by a change or a wake, take at most this
 # share of the time.
@@ -255,25 +256,34 @@ class Launcher:
     # --------------------------------------------------- advancing operations
 
     def _advance(self, shutting_down: bool = False) -> None:
+        # Operations that finish together are recorded together: one transaction for
+        # all the nodes a pass finds created, one for all it finds tested. A rate
+        # limit's burst makes hundreds finish in the same pass, and a transaction
+        # each took the pass past half a second.
         now = time.monotonic()
+        created: list[tuple[int, Operation[Instance]]] = []
         for node_id, op in list(self.ops.creating.items()):
             if now >= op.not_before:
                 op.advance()
             if op.done:
                 del self.ops.creating[node_id]
-                self._created(node_id, op, shutting_down)
+                created.append((node_id, op))
+        self._created(created, shutting_down)
+        tested: list[tuple[int, CommandResult]] = []
         for node_id, test in list(self.ops.testing.items()):
             if now >= test.not_before:
                 test.advance()
             if test.done:
                 del self.ops.testing[node_id]
-                self._tested(node_id, test)
+                tested.append((node_id, test))
+        self._tested(tested)
         for node_id, check in list(self.ops.checking.items()):
             if now >= check.not_before:
                 check.advance()
             if check.done:
                 del self.ops.checking[node_id]
                 self._checked(node_id, check)
+        deleted: list[tuple[int, Operation[None]]] = []
         for node_id, op in list(self.ops.deleting.items()):
             if now >= op.not_before:
                 op.advance()
@@ -282,7 +292,8 @@ class Launcher:
             if op.done:
                 del self.ops.deleting[node_id]
                 self.ops.delete_deadline.pop(node_id, None)
-                self._deleted(node_id, op)
+                deleted.append((node_id, op))
+        self._deleted(deleted)
         for key, op in list(self.ops.strays.items()):
             if now >= op.not_before:
                 op.advance()
@@ -312,79 +323,94 @@ class Launcher:
             delay,
         )
 
-    def _created(self, node_id: int, op: Operation[Instance], shutting_down: bool) -> None:
-        gate = self.gates.get(self.ops.launch_of.get(node_id, ("", ""))[0])
-        if op.error is not None:
+    def _created(
+        self, done: list[tuple[int, Operation[Instance]]], shutting_down: bool = False
+    ) -> None:
+        up: list[tuple[int, Instance]] = []
+        for node_id, op in done:
+            gate = self.gates.get(self.ops.launch_of.get(node_id, ("", ""))[0])
+            if op.error is not None:
+                if gate is not None:
+                    gate.failure(str(op.error))
+                self._launch_outcome(node_id, ok=False)
+                self._fail_id(node_id, N.BUILDING, f"launch failed: {op.error}")
+                continue
             if gate is not None:
-                gate.failure(str(op.error))
-            self._launch_outcome(node_id, ok=False)
-            self._fail_id(node_id, N.BUILDING, f"launch failed: {op.error}")
-            return
-        if gate is not None:
-            gate.success()
-        instance = op.result
-        assert instance is not None
-        values = {
-            "external_id": instance.external_id,
-            "access": instance.access.as_dict() if instance.access else None,
-        }
-        if shutting_down:
-            self._fail_id(
-                node_id, N.BUILDING, "launcher stopped before the node was tested", values
-            )
-            return
-        try:
-            crashpoints.point("created")
-            row = self.store.transition(node_id, N.BUILDING, N.TESTING, "instance up", **values)
-        except StaleState:
-            # Someone deleted it while it was being created; the deleter takes it from here.
-            self.ops.launch_of.pop(node_id, None)
-            self.store.set_instance(node_id, **values)
-            return
-        label = self.config.label(row.label)
-        access = instance.access
-        driver = self.drivers[row.provider]
-        test = driver.run_command(
-            instance.external_id, access, label.ready_command, label.test_timeout
-        )
-        test.advance()
-        self.ops.testing[node_id] = test
-
-    def _tested(self, node_id: int, test: CommandResult) -> None:
-        self._launch_outcome(node_id, ok=test.error is None and test.result == 0)
-        if test.error is None and test.result == 0:
-            crashpoints.point("tested")
-            try:
-                self.store.transition(node_id, N.TESTING, N.READY, "ready command passed")
-                log.info("node %s: ready", node_id)
-            except StaleState:
-                pass
-            return
-        tail = test.output.strip().splitlines()[-3:]
-        why = (
-            f"test failed: {test.error}"
-            if test.error is not None
-            else f"ready command exited {test.result}"
-        )
-        if tail:
-            why += f": {' | '.join(tail)}"
-        self._fail_id(node_id, N.TESTING, why)
-
-    def _deleted(self, node_id: int, op: Operation[None]) -> None:
-        gate = self.gates.get(self._provider_of(node_id) or "")
-        if gate is not None:
-            if op.error is None:
                 gate.success()
+            assert op.result is not None
+            if shutting_down:
+                self._fail_id(
+                    node_id,
+                    N.BUILDING,
+                    "launcher stopped before the node was tested",
+                    _instance_values(op.result),
+                )
+                continue
+            crashpoints.point("created")
+            up.append((node_id, op.result))
+        moves = [
+            Move(node_id, N.BUILDING, N.TESTING, "instance up", _instance_values(instance))
+            for node_id, instance in up
+        ]
+        for (node_id, instance), row in zip(up, self.store.transitions(moves), strict=True):
+            if isinstance(row, StaleState):
+                # Someone deleted it while it was being created; the deleter takes it
+                # from here.
+                self.ops.launch_of.pop(node_id, None)
+                self.store.set_instance(node_id, **_instance_values(instance))
+                continue
+            label = self.config.label(row.label)
+            test = self.drivers[row.provider].run_command(
+                instance.external_id, instance.access, label.ready_command, label.test_timeout
+            )
+            test.advance()
+            self.ops.testing[node_id] = test
+
+    def _tested(self, done: list[tuple[int, CommandResult]]) -> None:
+        passed: list[int] = []
+        for node_id, test in done:
+            ok = test.error is None and test.result == 0
+            self._launch_outcome(node_id, ok=ok)
+            if ok:
+                crashpoints.point("tested")
+                passed.append(node_id)
+                continue
+            tail = test.output.strip().splitlines()[-3:]
+            why = (
+                f"test failed: {test.error}"
+                if test.error is not None
+                else f"ready command exited {test.result}"
+            )
+            if tail:
+                why += f": {' | '.join(tail)}"
+            self._fail_id(node_id, N.TESTING, why)
+        moves = [Move(node_id, N.TESTING, N.READY, "ready command passed") for node_id in passed]
+        for node_id, row in zip(passed, self.store.transitions(moves), strict=True):
+            if not isinstance(row, StaleState):
+                log.info("node %s: ready", node_id)
+
+    def _deleted(self, done: list[tuple[int, Operation[None]]]) -> None:
+        gone: list[int] = []
+        for node_id, op in done:
+            gate = self.gates.get(self._provider_of(node_id) or "")
+            if gate is not None:
+                if op.error is None:
+                    gate.success()
+                else:
+                    gate.failure(str(op.error))
+            if op.error is None:
+                crashpoints.point("deleted")
+                gone.append(node_id)
             else:
-                gate.failure(str(op.error))
-        if op.error is None:
-            crashpoints.point("deleted")
-            try:
-                self.store.remove_node(node_id, "instance confirmed gone")
+                self._delete_failed(node_id, op.error)
+        removals = [(node_id, "instance confirmed gone") for node_id in gone]
+        for node_id, stale in zip(gone, self.store.remove_nodes(removals), strict=True):
+            if stale is None:
                 log.info("node %s: deleted", node_id)
-            except StaleState as exc:
-                log.error("node %s: %s", node_id, exc)
-            return
+            else:
+                log.error("node %s: %s", node_id, stale)
+
+    def _delete_failed(self, node_id: int, error: BaseException) -> None:
         row = self.store.node(node_id)
         attempt = row.delete_attempts
         delay = self.retry.delay(attempt)
@@ -393,9 +419,9 @@ class Launcher:
             node_id,
             attempt + 1,
             delay,
-            op.error,
+            error,
         )
-        self.store.record_delete_failure(node_id, str(op.error), time.time() + delay)
+        self.store.record_delete_failure(node_id, str(error), time.time() + delay)
 
     def _fail(self, row: NodeRow, reason: str) -> None:
         self._fail_id(row.id, N(row.state), reason)
@@ -416,14 +442,16 @@ class Launcher:
     # ------------------------------------------------------------- deleting
 
     def _start_deletes(self) -> None:
-        for row in self.store.nodes(states_in=sorted(NODE_TO_DELETE_STATES)):
-            if row.id in self.ops.creating:
-                continue
-            try:
-                self.store.transition(row.id, N(row.state), N.DELETING, f"{row.state}: delete")
-            except StaleState:
-                continue
+        self.store.transitions(
+            [
+                Move(row.id, N(row.state), N.DELETING, f"{row.state}: delete")
+                for row in self.store.nodes(states_in=sorted(NODE_TO_DELETE_STATES))
+                if row.id not in self.ops.creating
+            ]
+        )
         now = time.time()
+        never_created: list[tuple[int, str]] = []
+        starting: list[tuple[NodeRow, Driver, str]] = []
         for row in self.store.due_for_delete(now):
             if row.id in self.ops.deleting or row.id in self.ops.creating:
                 continue
@@ -442,15 +470,21 @@ class Launcher:
                 external_id = self._find_external_id(driver, row.id)
             if external_id is None:
                 # Never created at the provider: nothing to delete.
-                self.store.remove_node(row.id, "no instance was ever created")
+                never_created.append((row.id, "no instance was ever created"))
                 continue
             if not self.gates[row.provider].take():
                 self._throttled.add(row.provider)
                 continue
-            # The lease keeps this row out of the next passes' queries while the
-            # delete runs; it expires by itself if this launcher dies.
+            starting.append((row, driver, external_id))
+        self.store.remove_nodes(never_created)
+        # The leases keep these rows out of the next passes' queries while the
+        # deletes run; each expires by itself if this launcher dies. Written before
+        # the calls, so no other launcher starts the same delete meanwhile.
+        self.store.lease_deletes(
+            {row.id: now + self._providers[row.provider].delete_timeout for row, _, _ in starting}
+        )
+        for row, driver, external_id in starting:
             timeout = self._providers[row.provider].delete_timeout
-            self.store.lease_delete(row.id, now + timeout)
             op = driver.delete(external_id)
             op.advance()
             crashpoints.point("delete")
@@ -622,13 +656,14 @@ class Launcher:
                 serving = self.store.serving_on(label.image, provider.name, in_place)
                 if serving is None:
                     continue
-                for _ in range(room):
-                    if not gate.take():
-                        self._throttled.add(provider.name)
-                        break
-                    self._start_launch(provider, label, serving)
-                    used_by_provider[provider.name] += 1
-                    missing -= 1
+                allowed = 0
+                while allowed < room and gate.take():
+                    allowed += 1
+                if allowed < room:
+                    self._throttled.add(provider.name)
+                self._start_launches(provider, label, serving, allowed)
+                used_by_provider[provider.name] += allowed
+                missing -= allowed
                 if missing <= 0:
                     break
 
@@ -656,27 +691,41 @@ class Launcher:
         ]
         return sorted(mine, key=lambda p: used[p.name] - p.max_nodes)
 
-    def _start_launch(self, provider: Provider, label: Label, serving: ServingBuild) -> None:
+    def _start_launches(
+        self, provider: Provider, label: Label, serving: ServingBuild, count: int
+    ) -> None:
         build_id = serving.build.id
-        row = self.store.new_node(label.name, provider.name, build_id, label.name)
-        crashpoints.point("launch")
-        spec = NodeSpec(
-            node_id=row.id,
-            cluster=self.store.cluster_id,
-            label=label.name,
-            hostname=row.hostname,
-            build_id=build_id,
-            layers=serving.build.layer_paths(),
-            user=label.user,
-            image_external_id=serving.external_id,
-        )
-        op = self.drivers[provider.name].create(spec)
-        op.advance()
-        self.ops.creating[row.id] = op
-        self.ops.launch_of[row.id] = (provider.name, label.name)
+        # Every row first, in one transaction, then the calls: a crash in between
+        # leaves rows without instances, which recovery removes.
+        rows = self.store.new_nodes(label.name, provider.name, build_id, label.name, count)
+        layers = serving.build.layer_paths()
+        for row in rows:
+            crashpoints.point("launch")
+            spec = NodeSpec(
+                node_id=row.id,
+                cluster=self.store.cluster_id,
+                label=label.name,
+                hostname=row.hostname,
+                build_id=build_id,
+                layers=layers,
+                user=label.user,
+                image_external_id=serving.external_id,
+            )
+            op = self.drivers[provider.name].create(spec)
+            op.advance()
+            self.ops.creating[row.id] = op
+            self.ops.launch_of[row.id] = (provider.name, label.name)
 
     def _warn_once(self, key: str, message: str, every: float = 60.0) -> None:
         now = time.monotonic()
         if now - self._warned.get(key, -every) >= every:
             self._warned[key] = now
             log.warning("%s", message)
+
+
+def _instance_values(instance: Instance) -> dict[str, object]:
+    """What a node row records of its instance."""
+    return {
+        "external_id": instance.external_id,
+        "access": instance.access.as_dict() if instance.access else None,
+    }

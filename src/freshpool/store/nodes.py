@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, Update, bindparam, delete, func, insert, select, update
 
 from freshpool import states
 from freshpool.states import NodeState
-from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
+from freshpool.store.base import NotFound, StaleState, StoreBase, cas_statement
 from freshpool.store.schema import node_events, nodes
 
 
@@ -47,25 +48,78 @@ class EventRow:
     reason: str
 
 
+@dataclass(frozen=True)
+class Move:
+    """One node's compare-and-set from `expect` to `to`, setting `values` besides."""
+
+    node_id: int
+    expect: NodeState
+    to: NodeState
+    reason: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
 class NodeQueries(StoreBase):
     def new_node(self, label: str, provider: str, build_id: str, hostname_prefix: str) -> NodeRow:
+        (row,) = self.new_nodes(label, provider, build_id, hostname_prefix, 1)
+        return row
+
+    def new_nodes(
+        self, label: str, provider: str, build_id: str, hostname_prefix: str, count: int
+    ) -> list[NodeRow]:
+        """Rows for `count` nodes about to be launched, in `building`, in one transaction.
+
+        The launcher writes a node's row before it asks the provider for the
+        instance, so a crash in between leaves a row to clean up, never an
+        instance nobody knows about.
+        """
+        if count <= 0:
+            return []
+        now = time.time()
+        state = NodeState.BUILDING
+        row = {
+            "label": label,
+            "provider": provider,
+            "state": state,
+            "build_id": build_id,
+            "hostname": "",
+            "created_at": now,
+            "state_at": now,
+        }
+        with self._write() as conn:
+            # One statement for all (SQLAlchemy's insertmanyvalues), ids in order.
+            inserted = conn.execute(_NEW_NODES, [row] * count).all()
+            names = [f"{hostname_prefix}-{r.id}" for r in inserted]
+            conn.execute(
+                _SET_HOSTNAME,
+                [{"node": r.id, "name": n} for r, n in zip(inserted, names, strict=True)],
+            )
+            _events(conn, [(r.id, None, state, f"launch on {provider}") for r in inserted], now)
+        return [
+            NodeRow(**{**r._mapping, "hostname": n}) for r, n in zip(inserted, names, strict=True)
+        ]
+
+    def transitions(self, moves: Sequence[Move]) -> list[NodeRow | StaleState]:
+        """Compare-and-set many nodes in one transaction (the launcher's pass moves
+        hundreds at a time). For each move, in order: the row as it now is, or
+        StaleState if the node was no longer in `expect` (that move changed nothing)."""
+        for move in moves:
+            states.check_node(move.expect, move.to)
+        if not moves:
+            return []
         now = time.time()
         with self._write() as conn:
-            node_id = conn.execute(
-                insert(nodes).values(
-                    label=label,
-                    provider=provider,
-                    state=NodeState.BUILDING,
-                    build_id=build_id,
-                    hostname="",
-                    created_at=now,
-                    state_at=now,
-                )
-            ).inserted_primary_key[0]
-            hostname = f"{hostname_prefix}-{node_id}"
-            conn.execute(update(nodes).where(nodes.c.id == node_id).values(hostname=hostname))
-            _event(conn, node_id, None, NodeState.BUILDING, f"launch on {provider}", now)
-            return _node(conn, node_id)
+            results = [_compare_and_set(conn, move, now) for move in moves]
+            _events(
+                conn,
+                [
+                    (m.node_id, m.expect, m.to, m.reason)
+                    for m, r in zip(moves, results, strict=True)
+                    if isinstance(r, NodeRow)
+                ],
+                now,
+            )
+        return results
 
     def node(self, node_id: int) -> NodeRow:
         with self._read() as conn:
@@ -102,9 +156,10 @@ class NodeQueries(StoreBase):
         self, node_id: int, expect: NodeState, to: NodeState, reason: str, **values: Any
     ) -> NodeRow:
         """Compare-and-set one node from `expect` to `to`; raises StaleState if it moved."""
-        states.check_node(expect, to)
-        with self._write() as conn:
-            return _transition(conn, node_id, expect, to, reason, values)
+        (result,) = self.transitions([Move(node_id, expect, to, reason, values)])
+        if isinstance(result, StaleState):
+            raise result
+        return result
 
     def move(self, node_id: int, to: NodeState, reason: str) -> NodeRow:
         """Move a node from whatever state it is in, if the state table allows it."""
@@ -153,14 +208,13 @@ class NodeQueries(StoreBase):
         with self._read() as conn:
             return [NodeRow(**row._mapping) for row in conn.execute(query)]
 
-    def lease_delete(self, node_id: int, until: float) -> None:
-        """A delete is under way until `until`; nobody starts another before then."""
+    def lease_deletes(self, until: dict[int, float]) -> None:
+        """A delete of each node is under way until its time; nobody starts another
+        before then."""
+        if not until:
+            return
         with self._write() as conn:
-            conn.execute(
-                update(nodes)
-                .where(nodes.c.id == node_id, nodes.c.state == NodeState.DELETING)
-                .values(next_attempt_at=until)
-            )
+            conn.execute(_LEASE, [{"node": n, "until": t} for n, t in until.items()])
 
     def release_delete_leases(self, now: float) -> None:
         """After a restart, deletes the previous launcher had in flight are due again."""
@@ -206,14 +260,35 @@ class NodeQueries(StoreBase):
 
     def remove_node(self, node_id: int, reason: str) -> None:
         """Drop a node's row; only a node in `deleting` whose instance is confirmed gone."""
+        (result,) = self.remove_nodes([(node_id, reason)])
+        if result is not None:
+            raise result
+
+    def remove_nodes(self, removals: Sequence[tuple[int, str]]) -> list[StaleState | None]:
+        """`remove_node` for many (node, why) in one transaction; for each, in order,
+        None if removed or StaleState if the node was not deleting (and stays)."""
+        if not removals:
+            return []
+        now = time.time()
+        results: list[StaleState | None] = []
         with self._write() as conn:
-            gone = conn.execute(
-                delete(nodes).where(nodes.c.id == node_id, nodes.c.state == NodeState.DELETING)
-            ).rowcount
-            if gone != 1:
+            for node_id, _ in removals:
+                if conn.execute(_REMOVE, {"node": node_id}).rowcount == 1:
+                    results.append(None)
+                    continue
                 current = conn.scalar(select(nodes.c.state).where(nodes.c.id == node_id))
-                raise StaleState(f"node {node_id} is {current or 'gone'}, not deleting")
-            _event(conn, node_id, NodeState.DELETING, None, reason, time.time())
+                results.append(StaleState(f"node {node_id} is {current or 'gone'}, not deleting"))
+            gone = NodeState.DELETING
+            _events(
+                conn,
+                [
+                    (node_id, gone, None, why)
+                    for (node_id, why), result in zip(removals, results, strict=True)
+                    if result is None
+                ],
+                now,
+            )
+        return results
 
     def events(self, node_id: int) -> list[EventRow]:
         query = (
@@ -223,14 +298,70 @@ class NodeQueries(StoreBase):
             return [EventRow(**row._mapping) for row in conn.execute(query)]
 
 
+# Built once: building a statement cost several times what running it did.
+_NEW_NODES = insert(nodes).returning(*nodes.c, sort_by_parameter_order=True)
+_SET_HOSTNAME = (
+    update(nodes).where(nodes.c.id == bindparam("node")).values(hostname=bindparam("name"))
+)
+_LEASE = (
+    update(nodes)
+    .where(nodes.c.id == bindparam("node"), nodes.c.state == NodeState.DELETING)
+    .values(next_attempt_at=bindparam("until"))
+)
+_REMOVE = delete(nodes).where(nodes.c.id == bindparam("node"), nodes.c.state == NodeState.DELETING)
+_EVENT = insert(node_events).values(
+    node_id=bindparam("node"),
+    at=bindparam("at"),
+    from_state=bindparam("old"),
+    to_state=bindparam("new"),
+    reason=bindparam("why"),
+)
+
+
 def _event(
     conn: Connection, node_id: int, old: str | None, new: str | None, reason: str, at: float
 ) -> None:
-    conn.execute(
-        insert(node_events).values(
-            node_id=node_id, at=at, from_state=old, to_state=new, reason=reason
+    _events(conn, [(node_id, old, new, reason)], at)
+
+
+def _events(
+    conn: Connection, events: Sequence[tuple[int, str | None, str | None, str]], at: float
+) -> None:
+    """History: (node, from state, to state, why) each, all at `at`, in one statement."""
+    if events:
+        conn.execute(
+            _EVENT,
+            [
+                {"node": node, "at": at, "old": old, "new": new, "why": why}
+                for node, old, new, why in events
+            ],
         )
-    )
+
+
+@functools.cache
+def _cas_returning(expect: NodeState, to: NodeState, columns: tuple[str, ...]) -> Update:
+    """The compare-and-set of a move that sets `columns` besides the state, returning
+    the row as it left it."""
+    return cas_statement(
+        nodes,
+        bindparam("node"),
+        expect,
+        {"state": to, **{column: bindparam(f"set_{column}") for column in columns}},
+    ).returning(*nodes.c)
+
+
+def _compare_and_set(conn: Connection, move: Move, now: float) -> NodeRow | StaleState:
+    values = {"state_at": now, "reason": move.reason, **move.values}
+    if move.to == NodeState.READY:
+        values["ready_at"] = now
+    columns = tuple(sorted(values))
+    statement = _cas_returning(move.expect, move.to, columns)
+    params = {"node": move.node_id, **{f"set_{c}": values[c] for c in columns}}
+    row = conn.execute(statement, params).first()
+    if row is None:
+        current = conn.scalar(select(nodes.c.state).where(nodes.c.id == move.node_id))
+        return StaleState(f"node {move.node_id} is {current or 'gone'}, not {move.expect}")
+    return NodeRow(**row._mapping)
 
 
 def _transition(
@@ -241,17 +372,14 @@ def _transition(
     reason: str,
     values: dict[str, Any],
 ) -> NodeRow:
+    """One move inside the caller's transaction; raises StaleState if the node moved."""
     states.check_node(expect, to)
     now = time.time()
-    if to == NodeState.READY:
-        values = {**values, "ready_at": now}
-    if not compare_and_set(
-        conn, nodes, node_id, expect, {"state": to, "state_at": now, "reason": reason, **values}
-    ):
-        current = conn.scalar(select(nodes.c.state).where(nodes.c.id == node_id))
-        raise StaleState(f"node {node_id} is {current or 'gone'}, not {expect}")
+    result = _compare_and_set(conn, Move(node_id, expect, to, reason, values), now)
+    if isinstance(result, StaleState):
+        raise result
     _event(conn, node_id, expect, to, reason, now)
-    return _node(conn, node_id)
+    return result
 
 
 def _node(conn: Connection, node_id: int) -> NodeRow:
