@@ -202,15 +202,14 @@ def _insert(conn: Connection, new: Sequence[NewRequest], now: float) -> list[int
     # back in any order, so each new request is matched to a returned row by its
     # content; identical requests are interchangeable, so any match among them is
     # right.
-    encode = requests.c.labels.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    labels_of = _labels_codec(conn.dialect)
     ids: dict[tuple[object, ...], list[int]] = {}
     for start, size in _chunks(len(new)):
         chunk = new[start : start + size]
         params: dict[str, Any] = {}
         for i, r in enumerate(chunk):
-            labels = list(r.labels)
             values = (
-                encode(labels) if encode else labels,
+                labels_of.encode(r.labels),
                 r.requestor,
                 r.tenant,
                 r.priority,
@@ -220,17 +219,43 @@ def _insert(conn: Connection, new: Sequence[NewRequest], now: float) -> list[int
                 r.deadline,
             )
             params.update(zip(_queue_names(i), values, strict=True))
-        for request_id, *content in _rows(conn, _queue(len(chunk)), params):
-            ids.setdefault(_content(*content), []).append(request_id)
-    return [
-        ids[_content(r.labels, r.requestor, r.tenant, r.priority, r.deadline)].pop() for r in new
-    ]
+        for request_id, labels, *rest in _rows(conn, _queue(len(chunk)), params, raw=True):
+            ids.setdefault((labels_of.decode(labels), *rest), []).append(request_id)
+    return [ids[(r.labels, r.requestor, r.tenant, r.priority, r.deadline)].pop() for r in new]
 
 
-def _content(
-    labels: Sequence[str], requestor: str, tenant: str, priority: int, deadline: float | None
-) -> tuple[object, ...]:
-    return (tuple(labels), requestor, tenant, priority, deadline)
+@dataclass(frozen=True)
+class _LabelsCodec:
+    """A request's labels to the driver's value and back, through the column type's
+    own JSON processors, remembered: a pass queues many requests for few label sets,
+    and encoding and decoding each one's was a tenth of the insert."""
+
+    to_driver: Callable[[Any], Any] | None
+    from_driver: Callable[[Any], Any] | None
+
+    def encode(self, labels: tuple[str, ...]) -> Any:
+        return _encoded(labels, self.to_driver)
+
+    def decode(self, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):  # JSON text (SQLite); PostgreSQL's driver decodes
+            return _decoded(value, self.from_driver)
+        return tuple(value)
+
+
+@functools.cache
+def _labels_codec(dialect: Dialect) -> _LabelsCodec:
+    impl = requests.c.labels.type.dialect_impl(dialect)
+    return _LabelsCodec(impl.bind_processor(dialect), impl.result_processor(dialect, None))
+
+
+@functools.lru_cache(maxsize=1024)
+def _encoded(labels: tuple[str, ...], to_driver: Callable[[Any], Any] | None) -> Any:
+    return to_driver(list(labels)) if to_driver else list(labels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoded(text: str, from_driver: Callable[[Any], Any] | None) -> tuple[str, ...]:
+    return tuple(from_driver(text) if from_driver else text)
 
 
 def _pending(conn: Connection) -> list[RequestRow]:
@@ -484,15 +509,17 @@ def _claimed(row: tuple[Any, ...], move: dict[str, Any]) -> NodeRow:
     return NodeRow(*values)
 
 
-def _rows(conn: Connection, statement: Executable, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+def _rows(
+    conn: Connection, statement: Executable, params: dict[str, Any], raw: bool = False
+) -> list[tuple[Any, ...]]:
     """The rows of `statement`, run on the driver's cursor (see _Plain), each value as
-    SQLAlchemy would give it."""
+    SQLAlchemy would give it (`raw`: as the driver gives it)."""
     plain = _plain(statement, conn.dialect)
     cursor = _execute(conn, plain, plain.row(params), many=False)
     rows = cursor.fetchall()
     description = tuple(d[1] for d in cursor.description)
     cursor.close()
-    processors = _processors(statement, conn.dialect, description)
+    processors = () if raw else _processors(statement, conn.dialect, description)
     if not processors:
         return rows  # type: ignore[no-any-return]
     processed = []
