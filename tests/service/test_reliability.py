@@ -240,6 +240,23 @@ def test_breaker_sends_demand_to_the_healthy_provider(tmp_path: Path) -> None:
     assert {n.provider for n in launcher.store.nodes(["ready"])} == {"healthy"}
 
 
+def test_failing_deletes_trip_their_providers_breaker(tmp_path: Path) -> None:
+    """Each delete's outcome reaches the gate of the provider it ran on (at its
+    max-nodes, the provider gets no launches that could fail instead)."""
+    provider = (
+        SIM.replace("max-nodes: 10", "max-nodes: 2")
+        + "    breaker-threshold: 2\n    breaker-cooldown: 60\n"
+    )
+    launcher = sim_launcher(tmp_path, provider, min_ready=2)
+    run_until(launcher, lambda: len(launcher.store.nodes(["ready"])) == 2)
+    driver = launcher.drivers["sim"]
+    driver.settings = driver.settings.model_copy(update={"failure_rate": 1.0})
+    for node in launcher.store.nodes(["ready"]):
+        launcher.store.move(node.id, N.DELETING, "test: delete it")
+    run_until(launcher, launcher.gates["sim"].is_open, timeout=30)
+    assert all(n.delete_attempts >= 1 for n in launcher.store.nodes([N.DELETING]))
+
+
 # ---------------------------------------------------------- real local nodes
 
 

@@ -64,6 +64,8 @@ class InFlight:
     checking: dict[int, CommandResult] = field(default_factory=dict)
     # When each delete in flight is given up on (monotonic), per provider delete-timeout.
     delete_deadline: dict[int, float] = field(default_factory=dict)
+    # The provider of each delete in flight (its gate hears how the call went).
+    delete_on: dict[int, str] = field(default_factory=dict)
     # Instances with no row (strays found by tag), by (provider, external id).
     strays: dict[tuple[str, str], Operation[None]] = field(default_factory=dict)
     # (provider, label) of each node being created or tested.
@@ -283,7 +285,7 @@ class Launcher:
             if check.done:
                 del self.ops.checking[node_id]
                 self._checked(node_id, check)
-        deleted: list[tuple[int, Operation[None]]] = []
+        deleted: list[tuple[int, str, Operation[None]]] = []
         for node_id, op in list(self.ops.deleting.items()):
             if now >= op.not_before:
                 op.advance()
@@ -292,7 +294,7 @@ class Launcher:
             if op.done:
                 del self.ops.deleting[node_id]
                 self.ops.delete_deadline.pop(node_id, None)
-                deleted.append((node_id, op))
+                deleted.append((node_id, self.ops.delete_on.pop(node_id, ""), op))
         self._deleted(deleted)
         for key, op in list(self.ops.strays.items()):
             if now >= op.not_before:
@@ -389,10 +391,10 @@ class Launcher:
             if not isinstance(row, StaleState):
                 log.info("node %s: ready", node_id)
 
-    def _deleted(self, done: list[tuple[int, Operation[None]]]) -> None:
+    def _deleted(self, done: list[tuple[int, str, Operation[None]]]) -> None:
         gone: list[int] = []
-        for node_id, op in done:
-            gate = self.gates.get(self._provider_of(node_id) or "")
+        for node_id, provider, op in done:
+            gate = self.gates.get(provider)
             if gate is not None:
                 if op.error is None:
                     gate.success()
@@ -490,6 +492,7 @@ class Launcher:
             crashpoints.point("delete")
             self.ops.deleting[row.id] = op
             self.ops.delete_deadline[row.id] = time.monotonic() + timeout
+            self.ops.delete_on[row.id] = row.provider
 
     @staticmethod
     def _find_external_id(driver: Driver, node_id: int) -> str | None:
@@ -598,12 +601,6 @@ class Launcher:
             for row in result.gone:
                 with contextlib.suppress(StaleState):
                     self.store.remove_node(row.id, "instance no longer listed by the provider")
-
-    def _provider_of(self, node_id: int) -> str | None:
-        try:
-            return self.store.node(node_id).provider
-        except LookupError:
-            return None
 
     def _expire_requests(self) -> None:
         for request in self.store.overdue_requests(time.time(), self.config.request_timeout):
