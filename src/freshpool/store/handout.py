@@ -204,22 +204,30 @@ def _insert(conn: Connection, new: Sequence[NewRequest], now: float) -> list[int
     # right.
     labels_of = _labels_codec(conn.dialect)
     ids: dict[tuple[object, ...], list[int]] = {}
+    pending = RequestState.PENDING.value
+    rows = [
+        (
+            labels_of.encode(r.labels),
+            r.requestor,
+            r.tenant,
+            r.priority,
+            pending,
+            now,
+            now,
+            r.deadline,
+        )
+        for r in new
+    ]
     for start, size in _chunks(len(new)):
-        chunk = new[start : start + size]
-        params: dict[str, Any] = {}
-        for i, r in enumerate(chunk):
-            values = (
-                labels_of.encode(r.labels),
-                r.requestor,
-                r.tenant,
-                r.priority,
-                RequestState.PENDING.value,
-                now,
-                now,
-                r.deadline,
-            )
-            params.update(zip(_queue_names(i), values, strict=True))
-        for request_id, labels, *rest in _rows(conn, _queue(len(chunk)), params, raw=True):
+        chunk = rows[start : start + size]
+        params: dict[str, Any] | tuple[Any, ...]
+        if _positional_in_order(size, conn.dialect):
+            params = tuple(value for values in chunk for value in values)
+        else:
+            params = {}
+            for i, values in enumerate(chunk):
+                params.update(zip(_queue_names(i), values, strict=True))
+        for request_id, labels, *rest in _rows(conn, _queue(size), params, raw=True):
             ids.setdefault((labels_of.decode(labels), *rest), []).append(request_id)
     return [ids[(r.labels, r.requestor, r.tenant, r.priority, r.deadline)].pop() for r in new]
 
@@ -381,6 +389,16 @@ def _queue_names(row: int) -> tuple[str, ...]:
     return tuple(f"{column}_{row}" for column in _QUEUED)
 
 
+@functools.cache
+def _positional_in_order(rows: int, dialect: Dialect) -> bool:
+    """Whether the driver takes the INSERT's values as one flat tuple, row after row
+    in _QUEUED's order (sqlite3 does; _QUEUED lists the table's columns in its
+    order): then no dict of names for each row is built and reordered."""
+    plain = _plain(_queue(rows), dialect)
+    flat = tuple(name for row in range(rows) for name in _queue_names(row))
+    return plain.order is not None and not plain.fixed and plain.names == flat
+
+
 _PENDING = (
     select(requests)
     .where(requests.c.state == RequestState.PENDING)
@@ -510,12 +528,17 @@ def _claimed(row: tuple[Any, ...], move: dict[str, Any]) -> NodeRow:
 
 
 def _rows(
-    conn: Connection, statement: Executable, params: dict[str, Any], raw: bool = False
+    conn: Connection,
+    statement: Executable,
+    params: dict[str, Any] | tuple[Any, ...],
+    raw: bool = False,
 ) -> list[tuple[Any, ...]]:
     """The rows of `statement`, run on the driver's cursor (see _Plain), each value as
-    SQLAlchemy would give it (`raw`: as the driver gives it)."""
+    SQLAlchemy would give it (`raw`: as the driver gives it). `params` by name, or
+    a tuple already in the driver's order."""
     plain = _plain(statement, conn.dialect)
-    cursor = _execute(conn, plain, plain.row(params), many=False)
+    args = params if isinstance(params, tuple) else plain.row(params)
+    cursor = _execute(conn, plain, args, many=False)
     rows = cursor.fetchall()
     description = tuple(d[1] for d in cursor.description)
     cursor.close()
