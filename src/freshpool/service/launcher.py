@@ -453,7 +453,8 @@ class Launcher:
         )
         now = time.time()
         never_created: list[tuple[int, str]] = []
-        starting: list[tuple[NodeRow, Driver, str]] = []
+        # (row, its driver, its instance, its delete timeout)
+        starting: list[tuple[NodeRow, Driver, str, float]] = []
         for row in self.store.due_for_delete(now):
             if row.id in self.ops.deleting or row.id in self.ops.creating:
                 continue
@@ -477,16 +478,14 @@ class Launcher:
             if not self.gates[row.provider].take():
                 self._throttled.add(row.provider)
                 continue
-            starting.append((row, driver, external_id))
+            timeout = self._providers[row.provider].delete_timeout
+            starting.append((row, driver, external_id, timeout))
         self.store.remove_nodes(never_created)
         # The leases keep these rows out of the next passes' queries while the
         # deletes run; each expires by itself if this launcher dies. Written before
         # the calls, so no other launcher starts the same delete meanwhile.
-        self.store.lease_deletes(
-            {row.id: now + self._providers[row.provider].delete_timeout for row, _, _ in starting}
-        )
-        for row, driver, external_id in starting:
-            timeout = self._providers[row.provider].delete_timeout
+        self.store.lease_deletes({row.id: now + timeout for row, _, _, timeout in starting})
+        for row, driver, external_id, timeout in starting:
             op = driver.delete(external_id)
             op.advance()
             crashpoints.point("delete")

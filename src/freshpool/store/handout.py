@@ -220,8 +220,8 @@ def _insert(conn: Connection, new: Sequence[NewRequest], now: float) -> list[int
     ]
     for start, size in _chunks(len(new)):
         values = tuple(value for row in rows[start : start + size] for value in row)
-        bound = _bound(_queue(size), conn.dialect, _queue_names(size), values)
-        for request_id, labels, *rest in _rows(conn, _queue(size), bound, raw=True):
+        returned = _rows(conn, _queue(size), values, names=_queue_names(size), raw=True)
+        for request_id, labels, *rest in returned:
             ids.setdefault((labels_of.decode(labels), *rest), []).append(request_id)
     return [ids[(r.labels, r.requestor, r.tenant, r.priority, r.deadline)].pop() for r in new]
 
@@ -507,13 +507,20 @@ def _claimed(row: tuple[Any, ...], move: tuple[Any, ...]) -> NodeRow:
 
 
 def _rows(
-    conn: Connection, statement: Executable, params: dict[str, Any] | _Bound, raw: bool = False
+    conn: Connection,
+    statement: Executable,
+    params: dict[str, Any] | tuple[Any, ...],
+    names: tuple[str, ...] = (),
+    raw: bool = False,
 ) -> list[tuple[Any, ...]]:
     """The rows of `statement`, run on the driver's cursor (see _Plain), each value as
     SQLAlchemy would give it (`raw`: as the driver gives it). `params` by name, or
-    already bound."""
+    a tuple of the values of parameters `names`."""
     plain = _plain(statement, conn.dialect)
-    args = params.args if isinstance(params, _Bound) else plain.row(params)
+    if isinstance(params, tuple):
+        args = _binder(statement, conn.dialect, names)(params)
+    else:
+        args = plain.row(params)
     cursor = _execute(conn, plain, args, many=False)
     rows = cursor.fetchall()
     description = tuple(d[1] for d in cursor.description)
@@ -589,26 +596,15 @@ def _plain(statement: Executable, dialect: Dialect) -> _Plain:
     if compiled.positiontup is None:
         return _Plain(compiled.string, tuple(compiled.params), None, fixed)
     names = tuple(compiled.positiontup)
-    # itemgetter of one name gives the value, not a 1-tuple (of none, an error).
-    order = operator.itemgetter(*names) if len(names) > 1 else _tuple_of(names)
-    return _Plain(compiled.string, names, order, fixed)
+    return _Plain(compiled.string, names, _picker(names), fixed)
 
 
-def _tuple_of(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
-    return lambda params: tuple(params[name] for name in names)
-
-
-@dataclass(frozen=True)
-class _Bound:
-    """A statement's parameters as its driver takes them."""
-
-    args: Any
-
-
-def _bound(
-    statement: Executable, dialect: Dialect, names: tuple[str, ...], values: tuple[Any, ...]
-) -> _Bound:
-    return _Bound(_binder(statement, dialect, names)(values))
+def _picker(keys: tuple[Any, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """The items at `keys`, always as a tuple (itemgetter of one key gives the item
+    itself, and of none is an error)."""
+    if len(keys) > 1:
+        return operator.itemgetter(*keys)
+    return lambda items: tuple(items[key] for key in keys)
 
 
 @functools.cache
@@ -628,7 +624,7 @@ def _binder(
     indices = tuple(where[name] for name in plain.names)
     if not tail and indices == tuple(range(len(names))):
         return _as_they_are  # the values are in the driver's order already
-    pick = _getter(indices)
+    pick = _picker(indices)
     if not tail:
         return pick
     return lambda values: pick(values + tail)
@@ -636,15 +632,6 @@ def _binder(
 
 def _as_they_are(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return values
-
-
-def _getter(indices: tuple[int, ...]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-    """A tuple of the items at `indices`, always a tuple (itemgetter of one index
-    gives the item itself)."""
-    if len(indices) == 1:
-        (only,) = indices
-        return lambda values: (values[only],)
-    return operator.itemgetter(*indices)
 
 
 @functools.cache

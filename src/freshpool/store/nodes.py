@@ -276,8 +276,7 @@ class NodeQueries(StoreBase):
                 if conn.execute(_REMOVE, {"node": node_id}).rowcount == 1:
                     results.append(None)
                     continue
-                current = conn.scalar(select(nodes.c.state).where(nodes.c.id == node_id))
-                results.append(StaleState(f"node {node_id} is {current or 'gone'}, not deleting"))
+                results.append(_stale(conn, node_id, NodeState.DELETING))
             gone = NodeState.DELETING
             _events(
                 conn,
@@ -359,9 +358,14 @@ def _compare_and_set(conn: Connection, move: Move, now: float) -> NodeRow | Stal
     params = {"node": move.node_id, **{f"set_{c}": values[c] for c in columns}}
     row = conn.execute(statement, params).first()
     if row is None:
-        current = conn.scalar(select(nodes.c.state).where(nodes.c.id == move.node_id))
-        return StaleState(f"node {move.node_id} is {current or 'gone'}, not {move.expect}")
+        return _stale(conn, move.node_id, move.expect)
     return NodeRow(**row._mapping)
+
+
+def _stale(conn: Connection, node_id: int, expected: NodeState) -> StaleState:
+    """Why a change that expected the node in `expected` found it elsewhere."""
+    current = conn.scalar(select(nodes.c.state).where(nodes.c.id == node_id))
+    return StaleState(f"node {node_id} is {current or 'gone'}, not {expected}")
 
 
 def _transition(
