@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from freshpool.config import Config, Image, load, parse
+from freshpool.core.states import BuildState
 from freshpool.drivers.base import load_driver
 from freshpool.images.build import build_cached
 from freshpool.service.launcher import Launcher
 from freshpool.service.observing import Observing
 from freshpool.service.scheduler import Scheduler
-from freshpool.states import BuildState
 from freshpool.store import Store
 
 RESULTS = Path(__file__).parent / "results"

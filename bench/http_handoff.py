@@ -45,10 +45,10 @@ def serve(state_dir: Path, nodes: int, driver: str) -> None:
     from freshpool import logs
     from freshpool.api import serving
     from freshpool.config import parse
+    from freshpool.core.states import BuildState, NodeState
     from freshpool.drivers.base import load_driver
     from freshpool.service import tokens
     from freshpool.service.launcher import Launcher
-    from freshpool.states import BuildState, NodeState
     from freshpool.store import Store
 
     min_ready = nodes if driver == "local" else 0

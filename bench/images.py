@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from freshpool.config import Config, parse
+from freshpool.core.states import BuildState
 from freshpool.drivers.base import Driver, load_driver
 from freshpool.service.imagekeeper import ImageKeeper
-from freshpool.states import BuildState
 from freshpool.store import BuildRow, Store
 
 RESULTS = Path(__file__).parent / "results" / "images.json"

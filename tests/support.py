@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from freshpool.config import Config
+from freshpool.core.states import BuildState, UploadState
 from freshpool.drivers.base import load_driver
 from freshpool.service.launcher import Launcher
-from freshpool.states import BuildState, UploadState
 from freshpool.store import Store
 
 # ------------------------------------------------------------------ pools

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from freshpool.config import load
+from freshpool.core.states import BuildState
 from freshpool.drivers.base import load_driver
 from freshpool.service.launcher import Launcher
-from freshpool.states import BuildState
 from freshpool.store import Store
 from tests.store.pg import TempPostgres
 from tests.support import run_until

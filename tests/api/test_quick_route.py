@@ -28,8 +28,8 @@ from freshpool.api.app import create_app, served_app
 from freshpool.api.front import Front, start_front
 from freshpool.api.quick import QuickCalls
 from freshpool.config import parse
+from freshpool.core.states import NodeState
 from freshpool.service import tokens
-from freshpool.states import NodeState
 from freshpool.store import Store
 
 N = NodeState

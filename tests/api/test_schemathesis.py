@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, settings
 from freshpool.api.front import start_front
 from freshpool.api.server import bind, url_of
 from freshpool.config import parse
+from freshpool.core.states import NodeState
 from freshpool.service import tokens
 from freshpool.service.launcher import Launcher
-from freshpool.states import NodeState
 from freshpool.store import Store
 
 N = NodeState

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from freshpool.core.states import NODE_TRANSITIONS, NodeState, RequestState
 from freshpool.drivers.base import Driver
-from freshpool.states import NODE_TRANSITIONS, NodeState, RequestState
 from freshpool.store import Store
 
 HANDED = re.compile(r"handed to request (\d+)")

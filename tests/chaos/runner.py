@@ -27,10 +27,10 @@ from pathlib import Path
 
 from freshpool import crashpoints
 from freshpool.config import Config, parse
+from freshpool.core.states import BuildState
 from freshpool.drivers.base import load_driver
 from freshpool.service import handoff
 from freshpool.service.launcher import Launcher
-from freshpool.states import BuildState
 from freshpool.store import Store
 from tests.chaos import invariants
 

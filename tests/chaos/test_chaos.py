@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from freshpool import states
+from freshpool.core import states
+from freshpool.core.states import NodeState
 from freshpool.service import handoff
-from freshpool.states import NodeState
 from freshpool.store import Store
 from tests.chaos import invariants
 from tests.chaos.runner import run_chaos

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from freshpool.config import parse
+from freshpool.core.states import BuildState, InvalidTransition
 from freshpool.drivers.base import load_driver
 from freshpool.drivers.sim import SimDriver
 from freshpool.service import handoff
 from freshpool.service.launcher import Launcher
-from freshpool.states import BuildState, InvalidTransition
 from freshpool.store import StaleState, Store
 from tests.chaos import invariants
 

@@ -20,6 +20,7 @@ import pytest
 
 from freshpool.config import Config, ConfigError, Image, Provider, parse
 from freshpool.config import load as load_config
+from freshpool.core.states import NodeState
 from freshpool.drivers import localproc, qemuaccel, ssh
 from freshpool.drivers.base import (
     DriverError,
@@ -34,7 +35,6 @@ from freshpool.drivers.qemu import QEMU, QEMU_OVERHEAD_MIB, QemuDriver
 from freshpool.drivers.qemubase import VmBase
 from freshpool.images.build import build_cached
 from freshpool.service.vmcommit import CommitRefused, commit_node
-from freshpool.states import NodeState
 from freshpool.store import Store
 from tests.conftest import IMAGE_CACHE
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from freshpool.config import Config, Image
+from freshpool.core.states import BuildState
 from freshpool.drivers import ssh
 from freshpool.drivers.base import (
     DoneOperation,
@@ -32,7 +33,6 @@ from freshpool.service import handoff, imagekeeper, imaging
 from freshpool.service.imagekeeper import ImageKeeper
 from freshpool.service.launcher import Launcher
 from freshpool.service.retry import RetryPolicy
-from freshpool.states import BuildState
 from freshpool.store import BuildRow, NodeRow
 from tests.conftest import IMAGE_CACHE
 from tests.support import Pool, run_until

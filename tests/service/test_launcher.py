@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from freshpool.core.states import NodeState
 from freshpool.drivers import ssh
 from freshpool.drivers.base import NodeSpec, SshAccess, load_driver
 from freshpool.service import handoff
-from freshpool.states import NodeState
 from tests.support import Pool, run_until
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from freshpool.core.states import NodeState, RequestState
 from freshpool.service.observer import Observer
-from freshpool.states import NodeState, RequestState
 from freshpool.store import Store
 
 N = NodeState

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from freshpool.config import Provider, parse
+from freshpool.core import timeouts
+from freshpool.core.states import BuildState, NodeState
 from freshpool.drivers.base import NodeSpec, SshAccess, load_driver
 from freshpool.drivers.ssh import run as ssh_run
-from freshpool.service import handoff, timeouts
+from freshpool.service import handoff
 from freshpool.service.gate import ProviderGate
 from freshpool.service.launcher import Launcher
-from freshpool.states import BuildState, NodeState
 from freshpool.store import Store
 from tests.support import Pool, run_until
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from freshpool.config import Config, parse
+from freshpool.core.states import NodeState, RequestState
 from freshpool.service.scheduler import FairShare, Scheduler
-from freshpool.states import NodeState, RequestState
 from freshpool.store import NewRequest, NodeRow, RequestRow, Store, WriteBusy, first_fit_for
 
 N = NodeState
@@ -291,8 +291,8 @@ def test_a_cli_acquire_served_by_a_running_scheduler_gets_its_nodes(
     tmp_path: Path, store: Store
 ) -> None:
     """`freshpool acquire` on the store while `serve` runs: whoever claims, the CLI gets it."""
+    from freshpool.core.states import BuildState
     from freshpool.service import handoff
-    from freshpool.states import BuildState
 
     cfg = config(tmp_path)
     build = store.new_build("b", "img", str(tmp_path))

@@ -6,7 +6,7 @@ import dataclasses
 import threading
 from collections import Counter
 
-from freshpool.states import NodeState, RequestState
+from freshpool.core.states import NodeState, RequestState
 from freshpool.store import NewRequest, NodeRow, Queue, RequestRow, Store, first_fit_for
 from freshpool.store.schema import nodes, requests
 from tests.store.test_store import ready_node

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from freshpool.core.states import InvalidTransition, NodeState, RequestState
 from freshpool.service import tokens
-from freshpool.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
 from tests.store.test_store import ready_node
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from freshpool.states import InvalidTransition, NodeState, RequestState
+from freshpool.core.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
 from freshpool.store.nodes import Move
 

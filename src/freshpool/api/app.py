@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Match
 from freshpool.api import metrics, nodes, pool, requests, status
 from freshpool.api.quick import QuickCalls
 from freshpool.api.services import Services
-from freshpool.states import InvalidTransition
+from freshpool.core.states import InvalidTransition
 from freshpool.store import NotFound, StaleState
 
 DESCRIPTION = """\

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from freshpool.states import RequestState
+from freshpool.core.states import RequestState
 from freshpool.store import EventRow, NodeRow
 
 # A long-poll is re-issued after this long, well inside proxies' idle timeouts.

@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from freshpool.api.services import Services
 from freshpool.api.strict import StrictQueryRoute
-from freshpool.states import NodeState
+from freshpool.core.states import NodeState
 
 router = APIRouter(tags=["health"], route_class=StrictQueryRoute)
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Body, Path, Query
 from freshpool.api.auth import Caller, Reader, Svc, Writer
 from freshpool.api.models import ErrorOut, EventOut, HoldIn, JobStart, NodeDetail, NodeOut
 from freshpool.api.strict import StrictQueryRoute
+from freshpool.core.states import NodeState
 from freshpool.service import handoff, nodesets
-from freshpool.states import NodeState
 from freshpool.store import NodeRow, NotFound, Store
 
 MAX_ID = 2**63 - 1

@@ -11,7 +11,7 @@ from freshpool.api.auth import Reader, Svc
 from freshpool.api.models import BuildOut, ErrorOut, Health, ImageOut, LabelOut, ProviderOut
 from freshpool.api.services import Services
 from freshpool.api.strict import StrictQueryRoute
-from freshpool.states import NodeState
+from freshpool.core.states import NodeState
 
 N = NodeState
 router = APIRouter(

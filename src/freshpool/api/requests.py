@@ -23,8 +23,8 @@ from freshpool.api.nodes import MAX_ID, out
 from freshpool.api.quick import Quick
 from freshpool.api.services import Services
 from freshpool.api.strict import StrictQueryRoute
+from freshpool.core.states import RequestState
 from freshpool.service import nodesets
-from freshpool.states import RequestState
 from freshpool.store import NotFound, RequestRow
 
 RequestId = Annotated[int, Path(ge=1, le=MAX_ID, description="A request id.")]

@@ -16,7 +16,7 @@ from freshpool.api.nodes import out
 from freshpool.api.pool import build_list, label_summaries
 from freshpool.api.services import Services
 from freshpool.api.strict import StrictQueryRoute
-from freshpool.states import RequestState
+from freshpool.core.states import RequestState
 
 router = APIRouter(tags=["dashboard"], route_class=StrictQueryRoute)
 QUEUE_SHOWN = 100

@@ -13,10 +13,10 @@ import typer
 from rich.console import Console
 
 from freshpool.config import Config, ConfigError, UnknownName, load
+from freshpool.core.states import InvalidTransition
 from freshpool.drivers.base import DriverError, SshAccess
 from freshpool.drivers.ssh import paste_command
 from freshpool.service import handoff
-from freshpool.states import InvalidTransition
 from freshpool.store import NodeRow, NotFound, StaleState, Store
 
 app = typer.Typer(

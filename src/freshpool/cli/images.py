@@ -28,10 +28,10 @@ from freshpool.cli.app import (
     short_age,
 )
 from freshpool.config import Config
+from freshpool.core.states import BuildState
 from freshpool.drivers.base import Driver, load_driver
 from freshpool.service import imaging
 from freshpool.service.imagekeeper import ImageKeeper
-from freshpool.states import BuildState
 from freshpool.store import BuildRow, Store
 
 B = BuildState

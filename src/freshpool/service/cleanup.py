@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from freshpool.core.states import NodeState
 from freshpool.drivers.base import Instance
-from freshpool.states import NodeState
 from freshpool.store import NodeRow
 
 N = NodeState

@@ -9,7 +9,7 @@ import time
 
 from freshpool import crashpoints
 from freshpool.config import Config
-from freshpool.states import NodeState, RequestState
+from freshpool.core.states import NodeState, RequestState
 from freshpool.store import NewRequest, NodeRow, StaleState, Store, first_fit_for
 
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freshpool.config import Config, Image, UnknownName
+from freshpool.core.states import BuildState, NodeState, UploadState
 from freshpool.drivers.base import Driver, ImageUpload, Operation
 from freshpool.images.remove import remove_tree
 from freshpool.service import imaging
 from freshpool.service.retry import RetryPolicy
 from freshpool.service.validation import Validation, Verdict
-from freshpool.states import BuildState, NodeState, UploadState
 from freshpool.store import BuildRow, NotFound, StaleState, Store
 from freshpool.store.builds import BuildInProgress
 from freshpool.store.uploads import UploadRow

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freshpool.config import Config, Image, UnknownName
+from freshpool.core.states import BuildState
 from freshpool.drivers.base import Driver
 from freshpool.images.build import ImageBuildError
 from freshpool.images.layers import LayerStore
@@ -31,7 +32,6 @@ from freshpool.images.pipeline import (
     stable_hash,
 )
 from freshpool.images.remove import remove_tree
-from freshpool.states import BuildState
 from freshpool.store import BuildRow, StaleState, Store
 
 log = logging.getLogger("freshpool.images")

@@ -18,6 +18,15 @@ from dataclasses import dataclass, field
 
 from freshpool import crashpoints
 from freshpool.config import Config, Label, Provider
+from freshpool.core import timeouts
+from freshpool.core.states import (
+    NODE_SUPPLY_STATES,
+    NODE_TO_DELETE_STATES,
+    NODE_TRANSITIONS,
+    BuildState,
+    NodeState,
+    RequestState,
+)
 from freshpool.drivers.base import (
     CommandResult,
     DoneOperation,
@@ -28,19 +37,10 @@ from freshpool.drivers.base import (
     SshAccess,
     Tags,
 )
-from freshpool.service import timeouts
 from freshpool.service.cleanup import LeakSweeper
 from freshpool.service.gate import ProviderGate
 from freshpool.service.imaging import uses_layers_in_place
 from freshpool.service.retry import DRIVER_RETRY, RetryPolicy
-from freshpool.states import (
-    NODE_SUPPLY_STATES,
-    NODE_TO_DELETE_STATES,
-    NODE_TRANSITIONS,
-    BuildState,
-    NodeState,
-    RequestState,
-)
 from freshpool.store import NodeRow, StaleState, Store
 from freshpool.store.builds import ServingBuild
 from freshpool.store.nodes import Move

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freshpool import metrics
-from freshpool.states import NodeState, RequestState
+from freshpool.core.states import NodeState, RequestState
 from freshpool.store import HistoryEvent, RequestOutcome, Store
 
 N = NodeState

@@ -14,8 +14,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from freshpool.config import Image
+from freshpool.core.states import NodeState
 from freshpool.drivers.base import Driver, NodeSpec, Operation, StepOperation
-from freshpool.states import NodeState
 from freshpool.store import BuildRow, StaleState, Store
 
 N = NodeState

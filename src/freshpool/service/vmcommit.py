@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Protocol
 
 from freshpool.config import Config
+from freshpool.core.states import BuildState, NodeState
 from freshpool.drivers.base import DriverError, Operation, load_driver
 from freshpool.service import imaging
-from freshpool.states import BuildState, NodeState
 from freshpool.store import BuildRow, Store
 
 log = logging.getLogger("freshpool.images")

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
 
-from freshpool import states
-from freshpool.states import BuildState, UploadState
+from freshpool.core import states
+from freshpool.core.states import BuildState, UploadState
 from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
 from freshpool.store.schema import image_builds, images, nodes, uploads
 

@@ -32,8 +32,8 @@ from sqlalchemy import (
     select,
 )
 
-from freshpool import states
-from freshpool.states import NodeState, RequestState
+from freshpool.core import states
+from freshpool.core.states import NodeState, RequestState
 from freshpool.store.base import StaleState, StoreBase, cas_statement
 from freshpool.store.db import driver_errors
 from freshpool.store.nodes import NodeRow

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 from sqlalchemy import func, select
 
-from freshpool.states import RequestState
+from freshpool.core.states import RequestState
 from freshpool.store.base import StoreBase
 from freshpool.store.schema import node_events, nodes, requests
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Update, bindparam, delete, func, insert, select, update
 
-from freshpool import states
-from freshpool.states import NodeState
+from freshpool.core import states
+from freshpool.core.states import NodeState
 from freshpool.store.base import NotFound, StaleState, StoreBase, cas_statement
 from freshpool.store.schema import node_events, nodes
 

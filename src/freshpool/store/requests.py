@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, and_, or_, select
 
-from freshpool import states
-from freshpool.states import RequestState
+from freshpool.core import states
+from freshpool.core.states import RequestState
 from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
 from freshpool.store.schema import requests
 

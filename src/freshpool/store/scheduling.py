@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from sqlalchemy import Connection, and_, exists, func, insert, select, update
 
-from freshpool import states
-from freshpool.states import NodeState, RequestState
+from freshpool.core import states
+from freshpool.core.states import NodeState, RequestState
 from freshpool.store.base import NotFound, StaleState, StoreBase
 from freshpool.store.nodes import NodeRow, _node, _transition
 from freshpool.store.requests import RequestRow, _request

@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select
 
-from freshpool import states
-from freshpool.states import UploadState
+from freshpool.core import states
+from freshpool.core.states import UploadState
 from freshpool.store.base import StaleState, StoreBase, compare_and_set
 from freshpool.store.schema import uploads
 

@@ -6,7 +6,11 @@ compare-and-set, so a rule written here holds for every code path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
+
+from freshpool.core.errors import Refused
 
 
 class NodeState(StrEnum):
@@ -92,7 +96,7 @@ NODE_SUPPLY_STATES = frozenset({N.BUILDING, N.TESTING, N.READY})
 NODE_TO_DELETE_STATES = frozenset({N.USED, N.FAILED})
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(Refused):
     """A state change that the state table does not allow."""
 
     def __init__(self, kind: str, current: str, target: str) -> None:
@@ -116,6 +120,8 @@ def check_upload(current: UploadState | str, target: UploadState | str) -> None:
     _check("image upload", UPLOAD_TRANSITIONS, UploadState(current), UploadState(target))
 
 
-def _check(kind: str, table: dict, current: StrEnum, target: StrEnum) -> None:
+def _check(
+    kind: str, table: Mapping[Any, frozenset[Any]], current: StrEnum, target: StrEnum
+) -> None:
     if target not in table[current]:
         raise InvalidTransition(kind, current.value, target.value)

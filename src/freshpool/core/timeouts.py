@@ -3,19 +3,37 @@
 The driver bounds a create by `boot-timeout` and a test by `test-timeout`; the
 launcher's own limits for `building` and `testing` are looser backstops for a
 driver or command that never returns. `deleting` has no timeout here: a delete is
-retried with backoff, and leak cleanup confirms by listing when it is gone.
+abandoned after the provider's `delete-timeout` and retried with the one backoff,
+and leak cleanup confirms by listing when it is gone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from freshpool.config import Label, Provider
-from freshpool.states import NodeState
+from freshpool.core.states import NodeState
 
 N = NodeState
 # Slack over the driver's own limits before the launcher gives up on an operation.
 BACKSTOP = 2.0
+TIMED_STATES = (N.BUILDING, N.TESTING, N.READY, N.IN_USE, N.HOLD)
+
+
+class LabelTimes(Protocol):
+    @property
+    def test_timeout(self) -> float: ...
+    @property
+    def max_ready_age(self) -> float | None: ...
+    @property
+    def job_timeout(self) -> float: ...
+    @property
+    def max_hold_age(self) -> float: ...
+
+
+class ProviderTimes(Protocol):
+    @property
+    def boot_timeout(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -24,7 +42,7 @@ class Overdue:
     reason: str
 
 
-def limit(state: NodeState, label: Label, provider: Provider) -> float | None:
+def limit(state: NodeState, label: LabelTimes, provider: ProviderTimes) -> float | None:
     """Seconds a node may stay in `state`, or None for no limit."""
     return {
         N.BUILDING: provider.boot_timeout * BACKSTOP,
@@ -36,7 +54,7 @@ def limit(state: NodeState, label: Label, provider: Provider) -> float | None:
 
 
 def overdue(
-    state: NodeState, seconds_in_state: float, label: Label, provider: Provider
+    state: NodeState, seconds_in_state: float, label: LabelTimes, provider: ProviderTimes
 ) -> Overdue | None:
     allowed = limit(state, label, provider)
     if allowed is None or seconds_in_state <= allowed:
@@ -50,4 +68,13 @@ def overdue(
     return Overdue(N.DELETING, f"held longer than max-hold-age ({allowed:g} s)")
 
 
-TIMED_STATES = (N.BUILDING, N.TESTING, N.READY, N.IN_USE, N.HOLD)
+def shortest(labels: list[LabelTimes], providers: list[ProviderTimes]) -> float:
+    """The shortest limit of any state anywhere: only rows older than it can be overdue."""
+    limits = [
+        found
+        for label in labels
+        for provider in providers
+        for state in TIMED_STATES
+        if (found := limit(state, label, provider)) is not None
+    ]
+    return min(limits, default=0.0)

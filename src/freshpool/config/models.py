@@ -1,0 +1,210 @@
+"""The configuration's models: providers, labels, the API, tenants, the whole file.
+
+Units are the same everywhere: durations in seconds, rates per second. Unknown keys
+are errors. The loader (loader.py) turns the models' errors into file:line:key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from freshpool.config.base import Model, Name, Seconds
+from freshpool.config.images import Image, image_parent_problems
+from freshpool.core.errors import UnknownName
+from freshpool.core.nodesets import providers_serving
+
+
+class LocalNetwork(Model):
+    subnet: str = "10.213.0.0/16"
+    # Nodes are host-only by default: no route leaves the host-only bridge.
+    outbound: bool = False
+    bridge: str | None = None
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, value: str) -> str:
+        net = ipaddress.ip_network(value, strict=True)
+        if net.version != 4 or net.prefixlen > 28:
+            raise ValueError("expected an IPv4 network of /28 or larger, like 10.213.0.0/16")
+        return str(net)
+
+
+Rate = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class SimSettings(Model):
+    """The sim driver's behaviour (ignored by other drivers)."""
+
+    seed: int = 0
+    latency: Annotated[float, Field(ge=0)] = 0.0
+    failure_rate: Fraction = 0.0
+    timeout_rate: Fraction = 0.0
+    lie_rate: Fraction = 0.0
+    leak_on_failure: Fraction = 0.5
+    command_failure_rate: Fraction = 0.0
+    quota: int | None = Field(default=None, ge=0)
+    # Keep instances in <state-dir>/providers/NAME/sim.db so they outlive the launcher.
+    persist: bool = True
+
+
+class VmSize(Model):
+    """A VM's size on a qemu provider."""
+
+    vcpus: int = Field(default=1, ge=1, le=256)
+    # MiB of guest RAM.
+    memory: int = Field(default=1024, ge=128)
+
+
+class QemuSettings(Model):
+    """The qemu driver's settings (ignored by other drivers)."""
+
+    # auto: KVM when a probe boot shows it works for the guest kernel, else TCG.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # All VMs together (guest RAM plus QEMU's own) get at most this share of host RAM.
+    memory_share: float = Field(default=0.75, gt=0, le=1)
+    # GiB: the size of each VM's root file system (thin: only what is written counts).
+    disk_size: int = Field(default=8, ge=1)
+    # Seconds a VM gets to shut down after an ACPI power button press before it is killed.
+    powerdown_timeout: Seconds = 10.0
+    # The size of every label's VMs, unless `sizes` names the label.
+    vcpus: int = Field(default=1, ge=1, le=256)
+    memory: int = Field(default=1024, ge=128)
+    sizes: dict[str, VmSize] = {}
+
+    def size_of(self, label: str) -> VmSize:
+        return self.sizes.get(label) or VmSize(vcpus=self.vcpus, memory=self.memory)
+
+
+class Provider(Model):
+    name: Name
+    driver: str = "local"
+    max_nodes: int = Field(default=20, ge=1)
+    # Launches in flight at once; bounds the burst the launcher puts on the driver.
+    max_parallel_launches: int = Field(default=16, ge=1)
+    labels: list[Name] | None = None
+    network: LocalNetwork = LocalNetwork()
+    boot_timeout: Seconds = 60.0
+    delete_timeout: Seconds = 60.0
+    # Driver calls (creates and deletes) started per second, at most.
+    rate: Rate = 50.0
+    # Consecutive failed driver calls that pause the provider, and the first pause.
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: Seconds = 30.0
+    sim: SimSettings = SimSettings()
+    qemu: QemuSettings = QemuSettings()
+
+    def serves(self, label: str) -> bool:
+        return self.labels is None or label in self.labels
+
+
+class Label(Model):
+    name: Name
+    image: Name
+    min_ready: int = Field(default=1, ge=0)
+    max_ready_age: Seconds | None = None
+    ready_command: str = "true"
+    test_timeout: Seconds = 30.0
+    user: str = "root"
+    # Ready nodes are re-tested this often; a failing one is replaced (0: never).
+    health_interval: Annotated[float, Field(ge=0)] = 300.0
+    # An in-use node whose job runs longer is reclaimed.
+    job_timeout: Seconds = 3 * 3600.0
+    # A held node is deleted after this long.
+    max_hold_age: Seconds = 24 * 3600.0
+
+
+class Api(Model):
+    """The HTTP API and dashboard, which `freshpool serve` runs in a process beside its own."""
+
+    enabled: bool = True
+    # Loopback only unless the operator says otherwise; port 0 picks a free one.
+    listen: str = "127.0.0.1"
+    port: int = Field(default=8005, ge=0, le=65535)
+    # Read-only status (GET endpoints, the dashboard) without a token.
+    open_status: bool = True
+    # Tokens of these tenants may see and act on every tenant's requests and nodes.
+    admin_tenants: list[Name] = []
+
+
+class Tenant(Model):
+    name: Name
+    # Share of the pool relative to other tenants when requests wait at one priority.
+    weight: Annotated[float, Field(gt=0)] = 1.0
+
+
+class Statsd(Model):
+    """Where to send the metrics as statsd too (besides Prometheus /metrics)."""
+
+    host: str
+    port: int = Field(default=8125, ge=1, le=65535)
+    prefix: str = "freshpool"
+
+
+class Config(Model):
+    state_dir: Path = Path("/var/lib/freshpool")
+    # SQLAlchemy URL of the store; default: SQLite in state-dir. For PostgreSQL:
+    # postgresql+psycopg://user@host/db (pip install 'freshpool[postgres]').
+    database_url: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Seconds between reconcile passes when nothing wakes the launcher sooner.
+    interval: Seconds = 1.0
+    # Seconds between leak sweeps (listing every provider's instances by our tags).
+    cleanup_interval: Seconds = 60.0
+    # A request with no deadline of its own fails after waiting this long.
+    request_timeout: Seconds = 3600.0
+    providers: list[Provider] = Field(min_length=1)
+    labels: list[Label] = Field(min_length=1)
+    images: list[Image] = Field(min_length=1)
+    api: Api = Api()
+    # Fair-share weights; a tenant not listed has weight 1.
+    tenants: list[Tenant] = []
+    statsd: Statsd | None = None
+
+    def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems between sections (names used twice, references to nothing), with key paths."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for section in ("providers", "labels", "images", "tenants"):
+            seen: set[str] = set()
+            for i, item in enumerate(getattr(self, section)):
+                if item.name in seen:
+                    problems.append(((section, i, "name"), f"the name {item.name!r} is used twice"))
+                seen.add(item.name)
+        images = sorted(i.name for i in self.images)
+        labels = {x.name for x in self.labels}
+        for i, label in enumerate(self.labels):
+            if label.image not in images:
+                problems.append(
+                    (
+                        ("labels", i, "image"),
+                        f"no image named {label.image!r} (known: {', '.join(images)})",
+                    )
+                )
+        for i, provider in enumerate(self.providers):
+            for j, name in enumerate(provider.labels or []):
+                if name not in labels:
+                    problems.append((("providers", i, "labels", j), f"no label named {name!r}"))
+            for name in provider.qemu.sizes:
+                if name not in labels:
+                    problems.append((("providers", i, "qemu", "sizes"), f"no label named {name!r}"))
+        problems += image_parent_problems(self.images)
+        return problems
+
+    def label(self, name: str) -> Label:
+        for label in self.labels:
+            if label.name == name:
+                return label
+        raise UnknownName("label", name, [x.name for x in self.labels])
+
+    def image(self, name: str) -> Image:
+        for image in self.images:
+            if image.name == name:
+                return image
+        raise UnknownName("image", name, [i.name for i in self.images])
+
+    def providers_for(self, label: str) -> list[Provider]:
+        return providers_serving(self.providers, [label])
