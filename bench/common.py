@@ -18,13 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freshpool import launcher as launching
 from freshpool.config import Config, Image, load, parse
 from freshpool.core.states import BuildState
+from freshpool.dispatch.scheduler import Scheduler
 from freshpool.drivers.base import load_driver
-from freshpool.images.build import build_cached
-from freshpool.service.launcher import Launcher
-from freshpool.service.observing import Observing
-from freshpool.service.scheduler import Scheduler
+from freshpool.images.debootstrap import build_cached
 from freshpool.store import Store
 
 RESULTS = Path(__file__).parent / "results"
@@ -148,7 +147,9 @@ images:
             p.name: load_driver(p, self.store.cluster_id, self.state_dir)
             for p in self.config.providers
         }
-        self.launcher = Launcher(self.config, self.store, self.drivers)
+        self.launcher = launching.build(
+            self.config, self.store, self.drivers, images=False, publish=False
+        )
 
     def ready(self) -> int:
         return sum(n for (_, _, state), n in self.store.node_counts().items() if state == "ready")
@@ -157,49 +158,49 @@ images:
         """Run the launcher as `serve` does (passes plus its own sleeps) until done()."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
-        stop = threading.Event()
-        watcher = self.store.change_watcher()
-        try:
-            while not done():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.state_dir.name}: not done within {timeout} s")
-                self.launcher.reconcile()
-                self.launcher._sleep(stop, watcher.changed)
-        finally:
-            watcher.close()
+
+        def finished() -> bool:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.state_dir.name}: not done within {timeout} s")
+            return done()
+
+        self.launcher.drive(threading.Event(), finished)
         return time.perf_counter() - started
 
     @contextmanager
     def serving(self) -> Iterator[Scheduler]:
-        """`freshpool serve`'s layout: the launcher and the observer in a process of their
-        own, the front (the scheduler; no API) in this one, linked as serve links them.
-        Sim providers need `persist` for the launcher to see this process's instances."""
-        # Here, not at the top: the API's modules would count in the scale scenario's
-        # memory, which is the launcher's alone.
-        from freshpool.api import serving
-        from freshpool.api.front import start_front
+        """`freshpool serve`'s layout: the launcher (metrics publishing included) in a
+        process of its own, the scheduler in this one (not started: the caller starts
+        it on its event loop), linked as serve links them. Sim providers need
+        `persist` for the launcher to see this process's instances."""
+        from freshpool.serve.link import PASS, WAKE, pair
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        link, theirs = pair()
         launcher = multiprocessing.get_context("spawn").Process(
             target=_launcher_main, args=(self.config_path, theirs), daemon=True
         )
         launcher.start()
         theirs.close()
-        link = serving.Link(ours)
-        front = start_front(self.config, self.store, None, wake=lambda: link.send(serving.WAKE))
-        follower = threading.Thread(target=serving.follow, args=(link, front), daemon=True)
+        self.store.checkpoint_in_background()
+        scheduler = Scheduler(self.config, self.store, short=lambda: link.send(WAKE))
+
+        def follow() -> None:
+            while message := link.receive():
+                if message == PASS:
+                    scheduler.launcher_passed()
+
+        follower = threading.Thread(target=follow, daemon=True)
         follower.start()
         try:
             deadline = time.monotonic() + 60
-            while not front.scheduler.started.wait(0.1):
+            while not scheduler.started.wait(0.1):
                 if not launcher.is_alive() or time.monotonic() > deadline:
                     raise RuntimeError(f"the launcher made no pass (exit code {launcher.exitcode})")
-            yield front.scheduler
+            yield scheduler
         finally:
             link.close()  # the launcher reads EOF and stops
             launcher.join(60)
             follower.join(10)
-            front.stop()
 
     def destroy(self) -> None:
         for driver in self.drivers.values():
@@ -220,27 +221,27 @@ images:
 
 def _launcher_main(config_path: Path, end: socket.socket) -> None:
     """The launcher's process of BenchPool.serving (spawned: a fresh interpreter)."""
-    from freshpool.api import serving
+    from freshpool.serve.link import PASS, WAKE, Link
 
     config = load(config_path)
     store = Store.open(config.state_dir)
     drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
-    launcher = Launcher(config, store, drivers)
-    link = serving.Link(end)
-    launcher.add_pass(lambda: link.send(serving.PASS))
-    observing = Observing(config, launcher)
-    observing.start()
+    link = Link(end)
+    launcher = launching.build(
+        config, store, drivers, images=False, after_pass=[lambda: link.send(PASS)]
+    )
     stop = threading.Event()
 
     def relay() -> None:
-        serving.relay_wakes(link, launcher.wake)
+        while message := link.receive():
+            if message == WAKE:
+                launcher.wake()
         stop.set()  # the bench closed its end
 
     threading.Thread(target=relay, daemon=True).start()
     try:
         launcher.run(stop)
     finally:
-        observing.stop()
         store.close()
 
 

@@ -42,13 +42,13 @@ CONCURRENCY = (1, 10, 50)
 
 def serve(state_dir: Path, nodes: int, driver: str) -> None:
     """The server process: fill the pool, serve until SIGTERM."""
+    from freshpool import launcher as launching
     from freshpool import logs
-    from freshpool.api import serving
+    from freshpool import serve as serving
+    from freshpool.api import tokens
     from freshpool.config import parse
     from freshpool.core.states import BuildState, NodeState
     from freshpool.drivers.base import load_driver
-    from freshpool.service import tokens
-    from freshpool.service.launcher import Launcher
     from freshpool.store import Store
 
     min_ready = nodes if driver == "local" else 0
@@ -70,7 +70,7 @@ api: {{port: 0}}
     store = Store.open(state_dir)
     drivers = {}
     if driver == "local":
-        from freshpool.images.build import build_cached
+        from freshpool.images.debootstrap import build_cached
 
         build_dir = build_cached(BENCH_IMAGE, IMAGE_CACHE)
         row = store.new_build("bench", "debian-bookworm", str(build_dir))
@@ -87,7 +87,7 @@ api: {{port: 0}}
             node = store.new_node("debian", "local", "bench", "debian")
             store.transition(node.id, NodeState.BUILDING, NodeState.TESTING, "bench")
             store.transition(node.id, NodeState.TESTING, NodeState.READY, "bench")
-    launcher = Launcher(config, store, drivers)
+    launcher = launching.build(config, store, drivers, images=False)
     running = serving.start(config, launcher)
     secret = tokens.create(store, "bench")[1]
     stop = threading.Event()

@@ -27,7 +27,8 @@ from typing import Any
 from freshpool.config import Config, parse
 from freshpool.core.states import BuildState
 from freshpool.drivers.base import Driver, load_driver
-from freshpool.service.imagekeeper import ImageKeeper
+from freshpool.launcher.context import Shared
+from freshpool.launcher.images import ImageController
 from freshpool.store import BuildRow, Store
 
 RESULTS = Path(__file__).parent / "results" / "images.json"
@@ -66,7 +67,8 @@ def build(
     config: Config, store: Store, drivers: dict[str, Driver], base_cache: Path | None
 ) -> tuple[BuildRow, float]:
     """Request a build and run keeper passes until it is ready; seconds from request to ready."""
-    keeper = ImageKeeper(config, store, drivers, automatic=False, base_cache=base_cache)
+    keeper = ImageController(Shared(config, store, drivers), automatic=False, base_cache=base_cache)
+    keeper.start()
     name = config.images[0].name
     before = {b.id for b in store.builds(name)}
     started = time.perf_counter()

@@ -23,11 +23,12 @@ from typing import Any
 import psutil
 
 from freshpool.config import Image, Provider
-from freshpool.drivers import qemuaccel, ssh
+from freshpool.drivers import ssh
 from freshpool.drivers.base import ImageUpload, NodeSpec, StepOperation
 from freshpool.drivers.qemu import QEMU, QemuDriver
-from freshpool.drivers.qemubase import VmBase
-from freshpool.images.build import build_cached
+from freshpool.drivers.qemu.accel import probe as kvm_probe
+from freshpool.drivers.qemu.vmbase import VmBase
+from freshpool.images.debootstrap import build_cached
 
 RESULTS = Path(__file__).parent / "results" / "qemu.json"
 IMAGE_CACHE = Path(os.environ.get("FRESHPOOL_TEST_CACHE", "/var/tmp/freshpool-test-cache"))
@@ -107,7 +108,7 @@ def main() -> None:
             overlay.unlink()
         results["overlay_create_ms"] = round(statistics.median(times) * 1000, 1)
 
-        probe = StepOperation(qemuaccel.probe(QEMU, base.kernel)).wait(60)
+        probe = StepOperation(kvm_probe(QEMU, base.kernel)).wait(60)
         results["kvm_probe"] = {"accel": probe.accel, "reason": probe.reason, "s": probe.seconds}
         print(f"KVM probe: {probe.accel} ({probe.reason})", file=sys.stderr)
 

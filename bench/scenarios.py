@@ -24,8 +24,8 @@ from bench.common import (
     sim_providers,
     test_image,
 )
-from freshpool.service import handoff
-from freshpool.service.scheduler import Scheduler
+from freshpool.dispatch import direct
+from freshpool.dispatch.scheduler import Scheduler
 from freshpool.store import NewRequest
 
 Figures = dict[str, float]
@@ -58,14 +58,18 @@ def _handoff(root: Path, count: int, total: int) -> Figures:
         while (timed := loop.turn()) is not None:
             started = time.perf_counter()
             ask = NewRequest(("debian",), requestor="bench", deadline=time.time() + 10)
-            row, nodes = await scheduler.submit_async(ask)
+            row, nodes = await scheduler.submit(ask)
             if timed:
                 loop.timed(started, time.perf_counter())
             if row.state != "fulfilled" or len(nodes) != 1:
                 raise RuntimeError(f"request {row.id} is {row.state}: {row.reason}")
 
     async def clients(scheduler: Scheduler) -> None:
-        await asyncio.gather(*(client(scheduler) for _ in range(count)))
+        scheduler.start()
+        try:
+            await asyncio.gather(*(client(scheduler) for _ in range(count)))
+        finally:
+            await scheduler.stop()
 
     try:
         pool.run_until(lambda: pool.ready() >= nodes)
@@ -115,8 +119,8 @@ def image_to_ready(root: Path, rounds: int = 5) -> Figures:
     try:
         for _ in range(rounds):
             samples.append(pool.run_until(lambda: pool.ready() >= 1))
-            (node,) = handoff.acquire(pool.config, pool.store, ["debian"], timeout=5)
-            handoff.release(pool.store, node.id)
+            (node,) = direct.acquire(pool.config, pool.store, ["debian"], timeout=5)
+            pool.store.release_set(node.id, "released")
             pool.run_until(lambda: not pool.store.nodes(["used", "deleting"]))
     finally:
         pool.destroy()
@@ -188,19 +192,7 @@ def burst(root: Path, warm: int = 50, requests: int = 200) -> Figures:
     try:
         pool.run_until(lambda: pool.ready() >= warm)
         with pool.serving() as scheduler:
-            started = time.perf_counter()
-            deadline = time.time() + 60
-            asked = [
-                scheduler.submit(NewRequest(("debian",), requestor="bench", deadline=deadline))
-                for _ in range(requests)
-            ]
-            ids = [future.result(60)[0].id for future in asked]
-            while pool.store.pending_requests():
-                time.sleep(0.002)
-            wall = time.perf_counter() - started
-            while pool.ready() < warm:
-                time.sleep(0.005)
-            refill = time.perf_counter() - started
+            ids, wall, refill = asyncio.run(_burst(pool, scheduler, warm, requests))
         done = [pool.store.request(i) for i in ids]
         waits = [r.fulfilled_at - r.created_at for r in done if r.fulfilled_at]
         fulfilled = len(waits)
@@ -213,6 +205,27 @@ def burst(root: Path, warm: int = 50, requests: int = 200) -> Figures:
         "burst_p90_wait_s": round(percentile(waits, 90), 3),
         "burst_refill_s": round(refill, 3),
     }
+
+
+async def _burst(
+    pool: BenchPool, scheduler: Scheduler, warm: int, requests: int
+) -> tuple[list[int], float, float]:
+    scheduler.start()
+    started = time.perf_counter()
+    deadline = time.time() + 60
+    asked = [
+        scheduler.submit(NewRequest(("debian",), requestor="bench", deadline=deadline))
+        for _ in range(requests)
+    ]
+    ids = [row.id for row, _ in await asyncio.gather(*asked)]
+    while pool.store.pending_requests():
+        await asyncio.sleep(0.002)
+    wall = time.perf_counter() - started
+    while pool.ready() < warm:
+        await asyncio.sleep(0.005)
+    refill = time.perf_counter() - started
+    await scheduler.stop()
+    return ids, wall, refill
 
 
 def scale(
@@ -254,7 +267,7 @@ def _scale(root: Path, n: int, providers: int, latency: float, rate: float) -> F
         extra="cleanup-interval: 3600\n",
     )
     durations: list[float] = []
-    original = pool.launcher.reconcile
+    original = pool.launcher.pass_once
 
     def timed() -> None:
         t = time.perf_counter()
@@ -262,7 +275,7 @@ def _scale(root: Path, n: int, providers: int, latency: float, rate: float) -> F
         durations.append(time.perf_counter() - t)
 
     try:
-        pool.launcher.reconcile = timed  # type: ignore[method-assign]
+        pool.launcher.pass_once = timed  # type: ignore[method-assign]
         cpu = process.cpu_times()
         wall = pool.run_until(lambda: pool.ready() >= n, timeout=3600)
         now = process.cpu_times()
@@ -312,10 +325,10 @@ def log_volume(root: Path, lifecycles: int = 100) -> Figures:
         pool.config = pool.config.model_copy(
             update={"labels": [pool.config.labels[0].model_copy(update={"min_ready": 0})]}
         )
-        pool.launcher.config = pool.config
+        pool.launcher.shared.config = pool.config
         for _ in range(lifecycles):
-            (node,) = handoff.acquire(pool.config, pool.store, ["debian"], timeout=5)
-            handoff.release(pool.store, node.id)
+            (node,) = direct.acquire(pool.config, pool.store, ["debian"], timeout=5)
+            pool.store.release_set(node.id, "released")
         pool.run_until(lambda: not pool.store.nodes())
     finally:
         pool.destroy()

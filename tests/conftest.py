@@ -11,7 +11,7 @@ import pytest
 
 from freshpool.config import Image
 from freshpool.config import load as load_config
-from freshpool.images.build import build_cached
+from freshpool.images.debootstrap import build_cached
 from freshpool.store import Store
 from tests.store.pg import TempPostgres
 from tests.support import Pool, destroy_cluster, pool_yaml, register_test_image

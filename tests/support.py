@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from freshpool import launcher as launching
 from freshpool.config import Config
-from freshpool.core.states import BuildState, UploadState
+from freshpool.core.errors import StaleState
+from freshpool.core.placement import first_fit
+from freshpool.core.states import BuildState, RequestState, UploadState
 from freshpool.drivers.base import load_driver
-from freshpool.service.launcher import Launcher
-from freshpool.store import Store
+from freshpool.launcher import Launcher
+from freshpool.store import NodeRow, Queue, Store
 
 # ------------------------------------------------------------------ pools
 
@@ -108,12 +111,15 @@ class Pool:
             **kwargs,
         )
 
-    def launcher(self) -> Launcher:
+    def launcher(self, **options: Any) -> Launcher:
+        """The launcher `serve` runs, without the image controller and metrics (the
+        tests' image is registered ready; pass images=True to have them)."""
         drivers = {
             p.name: load_driver(p, self.store.cluster_id, self.config.state_dir)
             for p in self.config.providers
         }
-        return Launcher(self.config, self.store, drivers)
+        options = {"images": False, "publish": False, **options}
+        return launching.build(self.config, self.store, drivers, **options)
 
     def fill(self, launcher: Launcher, ready: int, timeout: float = 60) -> None:
         run_until(launcher, lambda: len(self.store.nodes(["ready"])) >= ready, timeout)
@@ -125,5 +131,25 @@ def run_until(launcher: Launcher, done: Callable[[], bool], timeout: float = 60)
         if time.monotonic() > deadline:
             states = [(n.id, n.state, n.reason) for n in launcher.store.nodes()]
             raise AssertionError(f"not reached within {timeout} s; nodes: {states}")
-        launcher.reconcile()
+        launcher.pass_once()
         time.sleep(0.01)
+
+
+def fulfil(store: Store, request_id: int, providers: list[str]) -> list[NodeRow] | None:
+    """Hand one pending request its set from the first provider that has it all ready;
+    None when none has. Raises StaleState if the request is no longer pending."""
+
+    def plan(queue: Queue) -> list[tuple[int, str]]:
+        for request in queue.pending:
+            if request.id == request_id:
+                provider = first_fit(request.labels, providers, queue.ready)
+                return [(request.id, provider)] if provider else []
+        return []
+
+    done = store.hand_out([], plan, providers)
+    if request_id in done.fulfilled:
+        return done.nodes_of(request_id)
+    state = store.request(request_id).state
+    if state != RequestState.PENDING:
+        raise StaleState(f"request {request_id} is {state}, not pending")
+    return None

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from freshpool import launcher as launching
 from freshpool.config import load
 from freshpool.core.states import BuildState
 from freshpool.drivers.base import load_driver
-from freshpool.service.launcher import Launcher
 from freshpool.store import Store
 from tests.store.pg import TempPostgres
 from tests.support import run_until
@@ -32,7 +32,7 @@ images: [{{name: img}}]
     build = store.new_build("img-1", "img", str(tmp_path))
     store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "sim")
     drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
-    launcher = Launcher(config, store, drivers)
+    launcher = launching.build(config, store, drivers, images=False, publish=False)
     run_until(launcher, lambda: len(store.nodes(["ready"])) == 2)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -57,6 +57,17 @@ LEAKED_INSTANCES = Counter(
 )
 LAUNCHES = Counter("freshpool_launches", "Nodes launched.", ["provider", "label"])
 REQUESTS = Counter("freshpool_requests", "Requests finished, by outcome.", ["outcome"])
+CONTROLLER_SECONDS = Histogram(
+    "freshpool_launcher_pass_seconds",
+    "One launcher pass of one controller (nodes, upkeep, leaks, images, metrics).",
+    ["controller"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+CONTROLLER_ERRORS = Counter(
+    "freshpool_launcher_errors",
+    "Exceptions a launcher controller raised (it sits out a backoff, serve goes on).",
+    ["controller"],
+)
 
 _statsd: StatsClient | None = None
 _lock = threading.Lock()
@@ -111,6 +122,15 @@ def request_done(tenant: str, outcome: str, wait: float | None) -> None:
     if wait is not None:
         REQUEST_WAIT_SECONDS.labels(tenant).observe(wait)
         _timing(f"request_wait.{tenant or 'none'}", wait)
+
+
+def controller_pass(name: str, seconds: float) -> None:
+    CONTROLLER_SECONDS.labels(name).observe(seconds)
+
+
+def controller_error(name: str) -> None:
+    CONTROLLER_ERRORS.labels(name).inc()
+    _incr(f"launcher_errors.{name}")
 
 
 def failure(cause: str) -> None:

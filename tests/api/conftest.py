@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from freshpool.api import serving
-from freshpool.api.front import Front, start_front
+from freshpool import serve
+from freshpool.api import tokens
 from freshpool.api.server import bind, url_of
-from freshpool.service import tokens
-from freshpool.service.launcher import Launcher
+from freshpool.launcher import Launcher
+from freshpool.serve.apiprocess import Serving
 from tests.support import Pool
 
 ADMIN = "ops"
@@ -25,8 +25,8 @@ ADMIN = "ops"
 class Served:
     pool: Pool
     launcher: Launcher
-    # The API process (`freshpool serve`'s layout), or the front in this process.
-    running: serving.Running | Front
+    # The API process (`freshpool serve`'s layout), or what it runs, in this process.
+    running: serve.Running | Serving
     url: str
     secrets: dict[str, str] = field(default_factory=dict)
     _clients: list[httpx.Client] = field(default_factory=list)
@@ -66,23 +66,23 @@ def serve_pool(make_pool: Callable[..., Pool]) -> Iterator[Callable[..., Served]
     def start(api: str = "", here: bool = False, **kwargs: Any) -> Served:
         """`api` adds lines to the api: section, e.g. "open-status: false".
 
-        `here` runs the front (scheduler, API) in this process instead, for tests that
-        reach inside it.
+        `here` runs the scheduler and the API in this process instead, for tests that
+        reach inside them.
         """
         extra = kwargs.pop("extra", "")
         api = f"api:\n  port: 0\n  admin-tenants: [{ADMIN}]\n" + "".join(
             f"  {line}\n" for line in api.splitlines()
         )
         pool = make_pool(extra=api + extra, **kwargs)
-        launcher = pool.launcher()
-        running: serving.Running | Front
+        launcher = pool.launcher(publish=True)
+        running: serve.Running | Serving
         if here:
             listener = bind("127.0.0.1", 0)
-            running = start_front(pool.config, pool.store, listener, launcher.wake)
-            launcher.add_pass(running.after_launcher_pass)
+            running = Serving(pool.config, pool.store, listener, launcher.wake)
+            launcher.after_pass.append(running.scheduler.launcher_passed)
             url = url_of(listener)
         else:
-            running = serving.start(pool.config, launcher)
+            running = serve.start(pool.config, launcher)
             assert running.url is not None
             url = running.url
         stop = threading.Event()

@@ -185,7 +185,7 @@ def test_leaked_instances_are_counted(serve_pool: Callable[..., Served], tmp_pat
     before = baseline().get(key("freshpool_leaked_instances_total"), 0)
     served = serve_pool(min_ready=0, extra="cleanup-interval: 2\n")
     first_pass = threading.Event()
-    served.launcher.add_pass(first_pass.set)
+    served.launcher.after_pass.append(first_pass.set)
     # Once the launcher has started (recovery deletes strays without counting them as
     # leaks found while running), an instance with this cluster's tags and no row appears.
     wait_for(first_pass.is_set, 60, "the first pass")

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from freshpool.api.front import Front
 from freshpool.drivers import ssh
 from freshpool.drivers.base import SshAccess
+from freshpool.serve.apiprocess import Serving
 from tests.api.conftest import Served, wait_for
 
 COMPUTE = """
@@ -265,7 +265,7 @@ def test_a_failing_store_is_a_503_that_loses_nothing(
 
     served = serve_pool(min_ready=1, max_nodes=1, here=True)
     served.wait_ready(1)
-    assert isinstance(served.running, Front)
+    assert isinstance(served.running, Serving)
     store = served.running.scheduler.store
     real = store.hand_out
 

@@ -15,12 +15,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from freshpool.api.front import start_front
+from freshpool import launcher as launching
+from freshpool.api import tokens
 from freshpool.api.server import bind, url_of
 from freshpool.config import parse
 from freshpool.core.states import NodeState
-from freshpool.service import tokens
-from freshpool.service.launcher import Launcher
+from freshpool.serve.apiprocess import Serving
 from freshpool.store import Store
 
 N = NodeState
@@ -45,14 +45,14 @@ tenants: [{{name: ops, weight: 2}}]
         row = store.new_node("debian" if i % 2 else "compute", "local", "b", "n")
         store.transition(row.id, N.BUILDING, N.TESTING, "up")
         store.transition(row.id, N.TESTING, N.READY, "ok")
-    launcher = Launcher(config, store, {})
-    # The front in this process, so its long-polls and event streams can be kept short
+    launcher = launching.build(config, store, {}, images=False, publish=False)
+    # The API in this process, so its long-polls and event streams can be kept short
     # (the fuzzer tries the largest waits).
     listener = bind("127.0.0.1", 0)
-    running = start_front(config, store, listener, launcher.wake)
+    running = Serving(config, store, listener, launcher.wake)
     running.services.max_wait = 0.2
     running.services.max_stream = 0.2
-    launcher.add_pass(running.after_launcher_pass)
+    launcher.after_pass.append(running.scheduler.launcher_passed)
     stop = threading.Event()
     thread = threading.Thread(target=launcher.run, args=(stop,), daemon=True)
     thread.start()

@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from freshpool import crashpoints
+from freshpool import launcher as launching
 from freshpool.config import Config, parse
-from freshpool.core.states import BuildState
+from freshpool.core.errors import AcquireTimeout
+from freshpool.core.states import BuildState, NodeState
+from freshpool.dispatch import direct
 from freshpool.drivers.base import load_driver
-from freshpool.service import handoff
-from freshpool.service.launcher import Launcher
+from freshpool.launcher import Launcher
 from freshpool.store import Store
 from tests.chaos import invariants
 
@@ -89,7 +91,7 @@ images:
 def _launcher(config: Config) -> tuple[Store, Launcher]:
     store = Store.open(config.state_dir)
     drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
-    return store, Launcher(config, store, drivers)
+    return store, launching.build(config, store, drivers, images=False, publish=False)
 
 
 def _child(work) -> int:  # type: ignore[no-untyped-def]
@@ -109,9 +111,8 @@ def _run_launcher(config: Config, phase: str | None, nth: int) -> None:
     if phase:
         crashpoints.arm(phase, nth)
     _store, launcher = _launcher(config)
-    launcher.recover()
     while True:
-        launcher.reconcile()
+        launcher.pass_once()
         time.sleep(0.005)
 
 
@@ -122,17 +123,18 @@ def _run_client(config: Config, seed: int, crash_nth: int | None) -> None:
     store = Store.open(config.state_dir)
     while True:
         try:
-            (node,) = handoff.acquire(config, store, ["debian"], timeout=0.3)
-        except handoff.AcquireTimeout:
+            (node,) = direct.acquire(config, store, ["debian"], timeout=0.3)
+        except AcquireTimeout:
             continue
         roll = rng.random()
         try:
             if roll < 0.6:
-                handoff.release(store, node.id)
+                # The calls the API and the CLI make.
+                store.release_set(node.id, "released")
             elif roll < 0.7:
-                handoff.hold(store, node.id)
+                store.move(node.id, NodeState.HOLD, "held")
             elif roll < 0.8:
-                handoff.delete(store, node.id)
+                store.move(node.id, NodeState.DELETING, "deleted by operator")
             # else: the "job" dies holding the node; the job timeout reclaims it
         except Exception:
             pass
@@ -212,25 +214,24 @@ def run_chaos(
     calm_started = time.monotonic()
     store, launcher = _launcher(calm_config)
     try:
-        launcher.recover()
         deadline = time.monotonic() + 120
         while True:
-            launcher.reconcile()
+            launcher.pass_once()
             # Extra ready nodes (launched for requests whose clients died) may stay warm;
             # everything else must be gone.
             rows = store.nodes()
             settled = (
                 len(rows) >= min_ready
                 and {n.state for n in rows} == {"ready"}
-                and not launcher.ops.operations()
+                and not launcher.busy()
             )
             if settled:
                 report.recovery_s = round(time.monotonic() - calm_started, 2)
                 # Two sweeps agree before anything counts as leaked.
-                launcher._sweep_leaks(force=True)
-                launcher._sweep_leaks(force=True)
-                while launcher.ops.strays:
-                    launcher.reconcile()
+                launcher.leaks.sweep()
+                launcher.leaks.sweep()
+                while launcher.leaks.deleting:
+                    launcher.pass_once()
                     time.sleep(0.005)
                 try:
                     invariants.store_and_driver_agree(store, launcher.drivers)
@@ -274,7 +275,7 @@ def main() -> None:
     args = parser.parse_args()
     image_dir = None
     if args.driver == "local":
-        from freshpool.images.build import build_cached
+        from freshpool.images.debootstrap import build_cached
         from tests.conftest import IMAGE_CACHE, TEST_IMAGE
 
         image_dir = build_cached(TEST_IMAGE, IMAGE_CACHE)

@@ -14,7 +14,6 @@ import pytest
 
 from freshpool.core import states
 from freshpool.core.states import NodeState
-from freshpool.service import handoff
 from freshpool.store import Store
 from tests.chaos import invariants
 from tests.chaos.runner import run_chaos
@@ -51,11 +50,11 @@ def test_suite_catches_a_release_that_returns_nodes_to_ready(
     broken[NodeState.IN_USE] = broken[NodeState.IN_USE] | {NodeState.READY}
     monkeypatch.setattr(states, "NODE_TRANSITIONS", broken)
     monkeypatch.setattr(
-        handoff,
-        "release",
-        lambda store, node_id, why="released": store.move(
-            node_id, NodeState.READY, "put back (deliberately broken)"
-        ),
+        Store,
+        "release_set",
+        lambda store, node_id, why="released": [
+            store.move(node_id, NodeState.READY, "put back (deliberately broken)")
+        ],
     )
     with pytest.raises(invariants.Violation, match=r"became ready|forbidden transition"):
         run_chaos(tmp_path, "sim", kills=10, seed=2)

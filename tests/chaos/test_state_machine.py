@@ -19,12 +19,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from freshpool import launcher as launching
 from freshpool.config import parse
-from freshpool.core.states import BuildState, InvalidTransition
+from freshpool.core.errors import AcquireTimeout
+from freshpool.core.states import BuildState, InvalidTransition, NodeState
+from freshpool.dispatch import direct
 from freshpool.drivers.base import load_driver
 from freshpool.drivers.sim import SimDriver
-from freshpool.service import handoff
-from freshpool.service.launcher import Launcher
+from freshpool.launcher import Launcher
 from freshpool.store import StaleState, Store
 from tests.chaos import invariants
 
@@ -74,8 +76,8 @@ class PoolMachine(RuleBasedStateMachine):
             p.name: load_driver(p, self.store.cluster_id, self.config.state_dir)
             for p in self.config.providers
         }
-        launcher = Launcher(self.config, self.store, drivers)
-        launcher.recover()
+        launcher = launching.build(self.config, self.store, drivers, images=False, publish=False)
+        launcher.pass_once()  # recovery first, as a restarted launcher does
         return launcher
 
     def teardown(self) -> None:
@@ -85,13 +87,13 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(passes=st.integers(min_value=1, max_value=8))
     def reconcile(self, passes: int) -> None:
         for _ in range(passes):
-            self.launcher.reconcile()
+            self.launcher.pass_once()
 
     @rule(labels=st.lists(st.sampled_from(["x", "y"]), min_size=1, max_size=3))
     def acquire(self, labels: list[str]) -> None:
         try:
-            nodes = handoff.acquire(self.config, self.store, labels, timeout=0)
-        except handoff.AcquireTimeout:
+            nodes = direct.acquire(self.config, self.store, labels, timeout=0)
+        except AcquireTimeout:
             return
         assert len({n.id for n in nodes}) == len(labels)
         assert len({n.provider for n in nodes}) == 1
@@ -105,8 +107,13 @@ class PoolMachine(RuleBasedStateMachine):
             return
         node = rows[pick % len(rows)]
         # Refused moves are fine; a forbidden one must raise, never happen.
+        # The calls the API and the CLI make.
         with contextlib.suppress(InvalidTransition, StaleState):
-            getattr(handoff, action)(self.store, node.id)
+            if action == "release":
+                self.store.release_set(node.id, "released")
+            else:
+                to = NodeState.HOLD if action == "hold" else NodeState.DELETING
+                self.store.move(node.id, to, action)
 
     @rule()
     def crash_and_restart(self) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+import freshpool.drivers.local.network as network
 from freshpool.config import LocalNetwork, Provider
-from freshpool.drivers import localfs, localnet, localproc, ssh
+from freshpool.drivers import ssh
 from freshpool.drivers.base import (
     DriverError,
     DriverUnavailable,
@@ -34,8 +35,9 @@ from freshpool.drivers.base import (
     Tags,
     load_driver,
 )
+from freshpool.drivers.host import mounts, processes, tools
+from freshpool.drivers.host.processes import MARK_CLUSTER, MARK_NODE
 from freshpool.drivers.local import LocalDriver
-from freshpool.drivers.noderuntime import MARK_CLUSTER, MARK_NODE
 
 SUBNET = "10.214.77.0/24"
 BRIDGE = "fp-test-local"
@@ -119,18 +121,18 @@ def _marked(cluster: str, node_id: int | None = None) -> dict[int, dict[str, str
     marks = {MARK_CLUSTER: cluster}
     if node_id is not None:
         marks[MARK_NODE] = str(node_id)
-    return localproc.marked_processes(marks)
+    return processes.marked_processes(marks)
 
 
 def _kill_node(driver: LocalDriver, instance: Instance) -> None:
     """Kill a node's processes by hand, as a crash or the OOM killer would."""
     assert instance.tags is not None
     marks = {MARK_CLUSTER: driver.cluster, MARK_NODE: str(instance.tags.node_id)}
-    pids = localproc.node_processes(localnet.netns_file(instance.external_id), marks)
+    pids = processes.node_processes(network.netns_file(instance.external_id), marks)
     assert pids
-    localproc.kill(pids)
+    processes.kill(pids)
     deadline = time.monotonic() + 10
-    while any(localproc.start_time(pid) is not None for pid in pids):
+    while any(processes.start_time(pid) is not None for pid in pids):
         assert time.monotonic() < deadline, "killed processes did not die"
         time.sleep(0.01)
 
@@ -143,7 +145,7 @@ def _assert_gone(driver: LocalDriver, external_id: str, veth: str | None = None)
     assert driver.node_id_of(external_id) is not None
     assert not _marked(driver.cluster, driver.node_id_of(external_id))
     if veth is not None:
-        assert not localnet.link_exists(veth)
+        assert not network.link_exists(veth)
 
 
 def _drive(operations: Sequence[Operation[Any]], timeout: float = 60.0) -> None:
@@ -178,7 +180,7 @@ def test_check_names_missing_tool_and_package(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in ("bwrap", "ip", "nsenter", "ssh-keygen", "ssh"):
-        found = localproc.find_tool(name)
+        found = tools.find_tool(name)
         if name != missing and found:
             (bin_dir / name).symlink_to(found)
     monkeypatch.setenv("PATH", str(bin_dir))
@@ -294,13 +296,13 @@ def test_delete_removes_everything(driver: LocalDriver, image_rootfs: Path) -> N
     pid = instance.details["pid"]
     assert _mounted_under(node_dir)
     assert instance.external_id in _netns().split()
-    assert localnet.link_master(veth) == BRIDGE
+    assert network.link_master(veth) == BRIDGE
     assert _marked(driver.cluster)
 
     driver.delete(instance.external_id).wait(60)
 
     _assert_gone(driver, instance.external_id, veth)
-    assert not localproc.is_alive(pid, None)
+    assert not processes.is_alive(pid, None)
     assert driver.list_instances() == []
     # Idempotent: again, and for an id that never existed.
     driver.delete(instance.external_id).wait(60)
@@ -405,11 +407,11 @@ def test_leftovers_are_found_from_any_trace(driver: LocalDriver, image_rootfs: P
     (driver.nodes_dir / one.external_id / "node.json").unlink()
     # Two: as after a host reboot, only the node dir remains.
     _kill_node(driver, two)
-    localfs.unmount(driver.nodes_dir / two.external_id / "root")
-    StepOperation(localnet.remove_node_network(two.external_id, two.details["veth"])).wait(10)
+    mounts.unmount(driver.nodes_dir / two.external_id / "root")
+    StepOperation(network.remove_node_network(two.external_id, two.details["veth"])).wait(10)
     # Three: its directory was removed by hand; the netns and veth remain.
     _kill_node(driver, three)
-    localfs.unmount(driver.nodes_dir / three.external_id / "root")
+    mounts.unmount(driver.nodes_dir / three.external_id / "root")
     subprocess.run(["rm", "-rf", str(driver.nodes_dir / three.external_id)], check=True)
 
     fresh = LocalDriver(driver.provider, driver.cluster, driver.state_dir)
@@ -577,7 +579,7 @@ def test_outbound_sets_route_and_nat(outbound_driver: LocalDriver, image_rootfs:
     outbound_driver.delete(instance.external_id).wait(60)
     outbound_driver.remove_network()
     assert not _nat_rule_exists()
-    assert not localnet.link_exists(OUTBOUND_BRIDGE)
+    assert not network.link_exists(OUTBOUND_BRIDGE)
 
 
 def test_node_outlives_the_launcher_process(
@@ -613,11 +615,11 @@ def test_teardown_removes_only_an_idle_bridge(tmp_path: Path, image_rootfs: Path
     try:
         instance = driver.create(_spec(driver, 1, (image_rootfs,))).wait(60)
         driver.teardown()
-        assert localnet.link_exists("fp-test-td")
+        assert network.link_exists("fp-test-td")
         assert _run(instance, "hostname").strip() == "node-1"
         driver.delete(instance.external_id).wait(60)
         driver.teardown()
-        assert not localnet.link_exists("fp-test-td")
+        assert not network.link_exists("fp-test-td")
     finally:
         _purge(driver)
         driver.remove_network(force=True)
@@ -627,8 +629,8 @@ def test_teardown_removes_only_an_idle_bridge(tmp_path: Path, image_rootfs: Path
 
 
 def test_address_pool_round_robin_and_exhaustion() -> None:
-    net = localnet.BridgeNetwork("fp-x", IPv4Network("10.9.9.0/28"), outbound=False)
-    pool = localnet.AddressPool(net)
+    net = network.BridgeNetwork("fp-x", IPv4Network("10.9.9.0/28"), outbound=False)
+    pool = network.AddressPool(net)
     # .0 is the network, .1 the bridge, .15 broadcast.
     assert pool.capacity == 13
     first = pool.allocate()
@@ -643,15 +645,15 @@ def test_address_pool_round_robin_and_exhaustion() -> None:
 
 
 def test_bridge_name_fits_an_interface_name() -> None:
-    short = localnet.bridge_name(_provider(name="lab", network=LocalNetwork()))
+    short = network.bridge_name(_provider(name="lab", network=LocalNetwork()))
     assert short.startswith("fp-lab-") and len(short) <= 15
-    assert localnet.bridge_name(_provider(name="x" * 31, network=LocalNetwork())).startswith(
+    assert network.bridge_name(_provider(name="x" * 31, network=LocalNetwork())).startswith(
         "fp-xxxxxx-"
     )
     # Same provider name, other subnet (another pool on this host): another bridge.
-    other = localnet.bridge_name(_provider(name="lab", network=LocalNetwork(subnet="10.99.0.0/24")))
+    other = network.bridge_name(_provider(name="lab", network=LocalNetwork(subnet="10.99.0.0/24")))
     assert other != short and len(other) <= 15
     # A configured name wins.
-    assert localnet.bridge_name(_provider(name="lab")) == BRIDGE
-    assert localnet.veth_name("fp-cluster-123") != localnet.veth_name("fp-cluster-124")
-    assert len(localnet.veth_name("fp-" + "x" * 64 + "-1")) == 15
+    assert network.bridge_name(_provider(name="lab")) == BRIDGE
+    assert network.veth_name("fp-cluster-123") != network.veth_name("fp-cluster-124")
+    assert len(network.veth_name("fp-" + "x" * 64 + "-1")) == 15

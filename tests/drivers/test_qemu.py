@@ -1,8 +1,8 @@
 """The qemu driver against real QEMU: a Debian image with its own kernel boots as a VM
 (TCG here), answers SSH on a loopback forward, runs a job, and leaves nothing behind.
 
-VM boots cost ~15-30 s each under TCG on this machine, so the default suite boots
-two; the round trip through `image commit` and a second boot is marked slow.
+VM boots under TCG are slow, so the default suite boots two; the round trip through
+`image commit` and a second boot is marked slow.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from freshpool.config import Config, ConfigError, Image, Provider, parse
 from freshpool.config import load as load_config
 from freshpool.core.states import NodeState
-from freshpool.drivers import localproc, qemuaccel, ssh
+from freshpool.drivers import ssh
 from freshpool.drivers.base import (
     DriverError,
     ImageUpload,
@@ -30,11 +30,13 @@ from freshpool.drivers.base import (
     StepOperation,
     load_driver,
 )
-from freshpool.drivers.noderuntime import MARK_CLUSTER, MARK_NODE
+from freshpool.drivers.host import processes, tools
+from freshpool.drivers.host.processes import MARK_CLUSTER, MARK_NODE
 from freshpool.drivers.qemu import QEMU, QEMU_OVERHEAD_MIB, QemuDriver
-from freshpool.drivers.qemubase import VmBase
-from freshpool.images.build import build_cached
-from freshpool.service.vmcommit import CommitRefused, commit_node
+from freshpool.drivers.qemu.accel import cache_key, kvm_usable
+from freshpool.drivers.qemu.vmbase import VmBase
+from freshpool.images.debootstrap import build_cached
+from freshpool.launcher.vmcommit import CommitRefused, commit_node
 from freshpool.store import Store
 from tests.conftest import IMAGE_CACHE
 
@@ -47,7 +49,7 @@ T = TypeVar("T")
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the qemu driver needs root"),
     pytest.mark.skipif(
-        localproc.find_tool(QEMU) is None, reason="apt-get install qemu-system-x86 qemu-utils"
+        tools.find_tool(QEMU) is None, reason="apt-get install qemu-system-x86 qemu-utils"
     ),
 ]
 
@@ -121,7 +123,7 @@ def _steps(steps: Generator[float, None, T]) -> T:
 
 def _qemu_pids(cluster: str, node_id: int) -> set[int]:
     marks = {MARK_CLUSTER: cluster, MARK_NODE: str(node_id)}
-    return set(localproc.marked_processes(marks, (QEMU[:15],)))
+    return set(processes.marked_processes(marks, (QEMU[:15],)))
 
 
 # ------------------------------------------------------------------ no VM boots
@@ -154,7 +156,7 @@ def test_probe_decides_and_is_cached(uploaded: tuple[Path, str], tmp_path: Path)
     driver = QemuDriver(_provider(), "probe", tmp_path / "state")
     first = _steps(driver._accel(base))
     assert first.accel in ("kvm", "tcg")
-    assert first.probed or qemuaccel.kvm_usable() is not None
+    assert first.probed or kvm_usable() is not None
     if Path("/sys/module/kvm_pvm").exists():
         # This machine: /dev/kvm is PVM, which a stock Debian kernel cannot use.
         assert first.accel == "tcg", first
@@ -163,8 +165,8 @@ def test_probe_decides_and_is_cached(uploaded: tuple[Path, str], tmp_path: Path)
     if first.probed:
         assert not again.probed and again.reason.startswith("cached:")
     # Another kernel (or QEMU, or a host reboot) is probed afresh.
-    qemu = localproc.tool(QEMU)
-    assert qemuaccel.cache_key(qemu, base.kernel_digest) != qemuaccel.cache_key(qemu, "other")
+    qemu = tools.tool(QEMU)
+    assert cache_key(qemu, base.kernel_digest) != cache_key(qemu, "other")
     forced = QemuDriver(_provider(accel="tcg"), "probe", tmp_path / "state")
     assert _steps(forced._accel(base)).accel == "tcg"
 
@@ -235,7 +237,7 @@ def test_boot_run_a_job_and_delete(driver: QemuDriver, uploaded: tuple[Path, str
     pids = _qemu_pids(driver.cluster, 1)
     assert pids, "no QEMU process carries the node's marks"
     driver.delete(instance.external_id).wait(120)
-    assert not any(localproc.start_time(p) is not None for p in pids), "QEMU still runs"
+    assert not any(processes.start_time(p) is not None for p in pids), "QEMU still runs"
     assert not overlay.exists() and not node_dir.exists()
     assert not driver.list_instances()
     # Deleting what is gone succeeds.
@@ -262,7 +264,7 @@ def test_a_new_driver_finds_and_removes_strays(
     # Another cluster's driver on the same provider sees nothing of it.
     assert not QemuDriver(driver.provider, "other", driver.state_dir).list_instances()
     after_crash.delete(stray.external_id).wait(120)
-    assert not any(localproc.start_time(p) is not None for p in pids)
+    assert not any(processes.start_time(p) is not None for p in pids)
     assert not after_crash.list_instances()
     assert not Path(instance.details["node_dir"]).exists()
 

@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 
 from freshpool.config import Image
-from freshpool.images.build import (
-    STAGES,
-    ImageBuildError,
-    build_image,
-    content_key,
-    find_tools,
-    remove_build,
-)
+from freshpool.images.base import content_key
+from freshpool.images.debootstrap import STAGES, build_image, find_tools, remove_build
+from freshpool.images.errors import ImageBuildError
 from freshpool.images.remove import mounts_under
 from tests.conftest import TEST_IMAGE
 

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from freshpool.config import Image
-from freshpool.images.build import ImageBuildError
+from freshpool.images.errors import ImageBuildError
 from freshpool.images.layers import LayerStore
-from freshpool.images.pipeline import BuildOptions, ParentStack, build_stack
+from freshpool.images.pipeline import BuildOptions, build_stack
+from freshpool.images.plan import ParentStack
 from tests.conftest import IMAGE_CACHE, TEST_IMAGE
 
 

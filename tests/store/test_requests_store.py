@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from freshpool.api import tokens
 from freshpool.core.states import InvalidTransition, NodeState, RequestState
-from freshpool.service import tokens
 from freshpool.store import StaleState, Store
 from tests.store.test_store import ready_node
+from tests.support import fulfil
 
 N = NodeState
 
@@ -16,7 +17,7 @@ def test_a_set_is_released_together_and_never_half(store: Store) -> None:
     for _ in range(3):
         ready_node(store)
     request = store.new_request(["l", "l", "l"], tenant="t")
-    nodes = store.fulfil(request.id, ["p"])
+    nodes = fulfil(store, request.id, ["p"])
     assert nodes is not None
     released = store.release_set(nodes[1].id, "job done")
     assert sorted(n.id for n in released) == sorted(n.id for n in nodes)
@@ -30,14 +31,14 @@ def test_a_set_is_released_together_and_never_half(store: Store) -> None:
 def test_cancel_deletes_what_a_request_holds(store: Store) -> None:
     ready_node(store)
     pending = store.new_request(["l", "l"], tenant="t")
-    assert store.fulfil(pending.id, ["p"]) is None
+    assert fulfil(store, pending.id, ["p"]) is None
     row, deleted = store.cancel_request(pending.id, "changed my mind")
     assert (row.state, deleted) == (RequestState.CANCELLED, [])
     # Cancelling twice changes nothing.
     assert store.cancel_request(pending.id, "again")[0].state == RequestState.CANCELLED
 
     taken = store.new_request(["l"], tenant="t")
-    (node,) = store.fulfil(taken.id, ["p"]) or []
+    (node,) = fulfil(store, taken.id, ["p"]) or []
     row, deleted = store.cancel_request(taken.id, "job aborted")
     assert row.state == RequestState.CANCELLED
     assert [(n.id, n.state) for n in deleted] == [(node.id, N.DELETING)]
@@ -53,7 +54,7 @@ def test_cancel_deletes_what_a_request_holds(store: Store) -> None:
 def test_a_node_runs_one_job(store: Store) -> None:
     ready_node(store)
     request = store.new_request(["l"], tenant="t")
-    (node,) = store.fulfil(request.id, ["p"]) or []
+    (node,) = fulfil(store, request.id, ["p"]) or []
     assert store.job_started_at(node.id) is None
     started = store.start_job(node.id, "build 1")
     assert started.state == N.IN_USE and started.reason == "job started: build 1"

@@ -10,6 +10,7 @@ from sqlalchemy import inspect
 from freshpool.core.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
 from freshpool.store.nodes import Move
+from tests.support import fulfil
 
 N = NodeState
 
@@ -131,19 +132,19 @@ def test_fulfil_hands_a_node_set_from_one_provider(store: Store) -> None:
         ready_node(store, "b", "p2"),
     )
     request = store.new_request(["a", "b", "a"], requestor="t")
-    got = store.fulfil(request.id, ["p1", "p2"])
+    got = fulfil(store, request.id, ["p1", "p2"])
     assert got is not None
     assert sorted(n.id for n in got) == sorted([a1, a2, b])
     assert {n.state for n in got} == {"in-use"}
     assert store.request(request.id).state == RequestState.FULFILLED
     with pytest.raises(StaleState):
-        store.fulfil(request.id, ["p2"])
+        fulfil(store, request.id, ["p2"])
 
 
 def test_fulfil_returns_none_when_not_all_ready(store: Store) -> None:
     ready_node(store, "a", "p")
     request = store.new_request(["a", "a"])
-    assert store.fulfil(request.id, ["p"]) is None
+    assert fulfil(store, request.id, ["p"]) is None
     assert store.request(request.id).state == RequestState.PENDING
     assert [n.state for n in store.nodes()] == ["ready"]
     assert store.pending_demand() == {"a": 2}
@@ -156,7 +157,7 @@ def test_migration_from_first_schema_keeps_rows(tmp_path: Path) -> None:
 
     engine = db.make_engine(db.sqlite_url(tmp_path))
     with engine.begin() as conn:
-        command.upgrade(db._alembic_config(conn), "0001")
+        command.upgrade(db.alembic_config(conn), "0001")
         conn.exec_driver_sql(
             "INSERT INTO nodes (label, provider, state, hostname, created_at, state_at)"
             " VALUES ('l', 'p', 'ready', 'h', 1, 1)"
@@ -177,7 +178,7 @@ def test_concurrent_claims_never_share_a_node(store: Store) -> None:
 
     def claim(_: int) -> list[int]:
         request = store.new_request(["l"])
-        got = store.fulfil(request.id, ["p"])
+        got = fulfil(store, request.id, ["p"])
         return [n.id for n in got or []]
 
     with ThreadPoolExecutor(max_workers=40) as workers:
@@ -185,3 +186,15 @@ def test_concurrent_claims_never_share_a_node(store: Store) -> None:
     won = [ids[0] for ids in results if ids]
     assert len(won) == 20 and len(set(won)) == 20
     assert store.nodes(["ready"]) == []
+
+
+def test_the_store_knows_alembics_head_revision(store: Store) -> None:
+    """Opening a store skips Alembic when the schema is at HEAD; HEAD must be the
+    newest migration there is."""
+    from alembic.script import ScriptDirectory
+
+    from freshpool.store import db, migrations
+
+    with store.engine.connect() as conn:
+        head = ScriptDirectory.from_config(db.alembic_config(conn)).get_current_head()
+        assert migrations.HEAD == head == db.current_revision(conn)

@@ -20,11 +20,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from freshpool.api import metrics, nodes, pool, requests, status
-from freshpool.api.quick import QuickCalls
+from freshpool.api.routes import metrics, nodes, pool, requests, status
 from freshpool.api.services import Services
-from freshpool.core.states import InvalidTransition
-from freshpool.store import NotFound, StaleState
+from freshpool.core.errors import HTTP_STATUS, FreshpoolError, code_for
 
 DESCRIPTION = """\
 Single-use CI nodes from a warm pool. Ask for a node set with `POST /requests`
@@ -41,9 +39,11 @@ def create_app(svc: Services) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         svc.changes.start()
+        svc.scheduler.start()
         try:
             yield
         finally:
+            await svc.scheduler.stop()
             await svc.changes.stop()
 
     app = FastAPI(
@@ -54,30 +54,27 @@ def create_app(svc: Services) -> FastAPI:
     )
     app.state.services = svc
     app.state.pool_registry = metrics.registry_for(svc)
+    _error_handlers(app, known=", ".join(x.name for x in svc.config.labels))
+    # Requests first: routes are matched in order, and POST /requests is what CI
+    # calls most (each route tried before it costs microseconds on every call).
+    most = max(p.max_nodes for p in svc.config.providers)
+    app.include_router(requests.create_router([x.name for x in svc.config.labels], most))
+    for module in (requests, pool, nodes, status, metrics):
+        app.include_router(module.router)
+    _honest_openapi(app, open_reads=svc.config.api.open_status)
+    static = Path(str(resources.files("freshpool.api").joinpath("static")))
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    return app
 
-    known = ", ".join(x.name for x in svc.config.labels)
+
+def _error_handlers(app: FastAPI, known: str) -> None:
+    """Every error's answer: 422s that name the field, and each FreshpoolError's
+    status from the one table (core/errors.py)."""
 
     @app.exception_handler(RequestValidationError)
     async def _bad_input(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
         sent = request.headers.get("content-type", "none")
-        for problem in exc.errors():
-            if problem["type"] == "literal_error" and tuple(problem["loc"][:2]) == (
-                "body",
-                "labels",
-            ):
-                problem = {
-                    **problem,
-                    "msg": f"unknown label {problem['input']!r} (known: {known})",
-                }
-            elif tuple(problem["loc"]) == ("body",) and "json" not in sent:
-                # `curl -d` sends a form: say what to send instead of "not a dictionary".
-                problem = {
-                    **problem,
-                    "msg": f"the body must be JSON with Content-Type: application/json"
-                    f" (this one came as {sent}; with curl use --json)",
-                }
-            problems.append(problem)
+        problems = [_explained(problem, sent, known) for problem in exc.errors()]
         return JSONResponse({"detail": _finite(jsonable_encoder(problems))}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -88,13 +85,12 @@ def create_app(svc: Services) -> FastAPI:
             headers["Allow"] = ", ".join(_methods_for(app, request))
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
-    @app.exception_handler(NotFound)
-    async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc).strip("'\"")}, status_code=404)
-
-    @app.exception_handler(StaleState)
-    async def _stale(_request: Request, exc: StaleState) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+    @app.exception_handler(FreshpoolError)
+    async def _ours(_request: Request, exc: FreshpoolError) -> JSONResponse:
+        status = code_for(exc, HTTP_STATUS, 500)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        detail = str(exc).strip("'\"")
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(SQLAlchemyError)
     async def _store_failed(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
@@ -110,30 +106,19 @@ def create_app(svc: Services) -> FastAPI:
             headers={"Retry-After": "1"},
         )
 
-    @app.exception_handler(InvalidTransition)
-    async def _invalid(_request: Request, exc: InvalidTransition) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    # Requests first: routes are matched in order, and /requests is what CI calls
-    # most (each route tried before it costs microseconds on every call).
-    most = max(p.max_nodes for p in svc.config.providers)
-    requests_routes, quick_create = requests.router([x.name for x in svc.config.labels], most)
-    app.include_router(requests_routes)
-    app.state.quick = {("POST", requests_routes.prefix): quick_create}
-    app.include_router(pool.router)
-    app.include_router(nodes.router)
-    app.include_router(status.router)
-    app.include_router(metrics.router)
-    _honest_openapi(app, open_reads=svc.config.api.open_status)
-    static = Path(str(resources.files("freshpool.api").joinpath("static")))
-    app.mount("/static", StaticFiles(directory=static), name="static")
-    return app
-
-
-def served_app(svc: Services) -> QuickCalls:
-    """What the API server runs: the app, with its quick calls in front (quick.py)."""
-    app = create_app(svc)
-    return QuickCalls(app, app.state.quick)
+def _explained(problem: Any, sent: str, known: str) -> Any:
+    """A validation problem said so a person knows what to send instead."""
+    if problem["type"] == "literal_error" and tuple(problem["loc"][:2]) == ("body", "labels"):
+        return {**problem, "msg": f"unknown label {problem['input']!r} (known: {known})"}
+    if tuple(problem["loc"]) == ("body",) and "json" not in sent:
+        # `curl -d` sends a form: say what to send instead of "not a dictionary".
+        return {
+            **problem,
+            "msg": f"the body must be JSON with Content-Type: application/json"
+            f" (this one came as {sent}; with curl use --json)",
+        }
+    return problem
 
 
 def _honest_openapi(app: FastAPI, open_reads: bool) -> None:
@@ -161,7 +146,7 @@ def _honest_openapi(app: FastAPI, open_reads: bool) -> None:
         app.openapi_schema = spec
         return spec
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's way to shape the spec
 
 
 def _finite(value: Any) -> Any:

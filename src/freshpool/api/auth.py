@@ -41,7 +41,8 @@ class Caller:
 
 
 async def services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    svc: Services = request.app.state.services
+    return svc
 
 
 def token_caller(svc: Services, secret: str) -> Caller | None:
@@ -70,7 +71,7 @@ class TokenCheck(HTTPBearer):
         )
         self.writes = writes
 
-    async def __call__(self, request: Request) -> Caller:  # type: ignore[override]
+    async def __call__(self, request: Request) -> Caller:  # type: ignore[override]  # a caller, not credentials
         credentials = await super().__call__(request)
         svc: Services = request.app.state.services
         if credentials is None:

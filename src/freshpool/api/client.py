@@ -119,7 +119,8 @@ class ApiClient:
 
     def _cancel_quietly(self, request_id: int) -> dict[str, Any] | None:
         try:
-            return self.call("DELETE", f"/requests/{request_id}")  # type: ignore[no-any-return]
+            cancelled: dict[str, Any] = self.call("DELETE", f"/requests/{request_id}")
+            return cancelled
         except ApiError:
             return None
 

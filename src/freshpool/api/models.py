@@ -14,7 +14,7 @@ from freshpool.store import BuildRow, EventRow, NodeRow, RequestRow
 TenantName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["ci-main"])]
 
 
-class _In(BaseModel):
+class In(BaseModel):
     # A misspelt field is an error, not silently ignored.
     model_config = ConfigDict(extra="forbid")
 
@@ -111,11 +111,11 @@ class NodeDetail(NodeOut):
     events: list[EventOut] = []
 
 
-class JobStart(_In):
+class JobStart(In):
     job: str = Field("", max_length=512, description="What runs, e.g. a CI build URL.")
 
 
-class HoldIn(_In):
+class HoldIn(In):
     reason: str = Field("", max_length=512)
 
 

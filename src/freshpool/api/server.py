@@ -10,10 +10,12 @@ import time
 import uvicorn
 from starlette.types import ASGIApp
 
+from freshpool.core.errors import Unavailable
+
 log = logging.getLogger("freshpool.api")
 
 
-class ListenError(Exception):
+class ListenError(Unavailable):
     """The API cannot listen where the config says."""
 
 

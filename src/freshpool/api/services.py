@@ -8,12 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from freshpool.api.changes import ChangeFeed
+from freshpool.api.tokens import TokenChecker
 from freshpool.config import Config
-from freshpool.service import nodesets
-from freshpool.service.observing import Published
-from freshpool.service.scheduler import Scheduler
-from freshpool.service.tokens import TokenChecker
-from freshpool.service.waiters import Waiters
+from freshpool.core.nodesets import Problem, check
+from freshpool.dispatch.scheduler import Scheduler
+from freshpool.dispatch.waiters import Waiters
+from freshpool.observed import Published
 from freshpool.store import Store
 
 
@@ -30,16 +30,17 @@ class Services:
     observed: Published = field(init=False)
     tokens: TokenChecker = field(init=False)
     changes: ChangeFeed = field(init=False)
-    # nodesets.check against this config, remembered per node set: CI asks for the
-    # same few sets over and over, and the config does not change while serving.
-    check_set: Callable[[tuple[str, ...]], list[nodesets.Problem]] = field(init=False)
+    # core.nodesets.check against this config, remembered per node set: CI asks for
+    # the same few sets over and over, and the config does not change while serving.
+    check_set: Callable[[tuple[str, ...]], list[Problem]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.observed = Published(self.config.state_dir)
         self.tokens = TokenChecker(self.store)
         self.changes = ChangeFeed(self.store)
+        known = [x.name for x in self.config.labels]
         self.check_set = functools.lru_cache(maxsize=1024)(
-            lambda labels: nodesets.check(self.config, labels)
+            lambda labels: check(labels, known, self.config.providers)
         )
 
     @property

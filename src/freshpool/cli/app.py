@@ -7,25 +7,30 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from freshpool.config import Config, ConfigError, UnknownName, load
-from freshpool.core.states import InvalidTransition
-from freshpool.drivers.base import DriverError, SshAccess
-from freshpool.drivers.ssh import paste_command
-from freshpool.service import handoff
-from freshpool.store import NodeRow, NotFound, StaleState, Store
+from freshpool.core.errors import FreshpoolError
 
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="A warm pool of single-use CI nodes."
-)
-image_app = typer.Typer(
-    no_args_is_help=True, help="Build, list, validate, roll back and delete image builds."
-)
-config_app = typer.Typer(no_args_is_help=True, help="Check and print configuration.")
+if TYPE_CHECKING:
+    from freshpool.config import Config
+    from freshpool.drivers.base import Driver, SshAccess
+    from freshpool.store import NodeRow, Store
+
+
+def group(help: str, add_completion: bool = True) -> typer.Typer:
+    """A command group. Plain help: typer's rich help imports markdown and pygments,
+    which would cost every `--help` more than the rest of the start-up."""
+    return typer.Typer(
+        no_args_is_help=True, rich_markup_mode=None, help=help, add_completion=add_completion
+    )
+
+
+app = group("A warm pool of single-use CI nodes.", add_completion=False)
+image_app = group("Build, list, validate, roll back and delete image builds.")
+config_app = group("Check and print configuration.")
 app.add_typer(image_app, name="image")
 app.add_typer(config_app, name="config")
 
@@ -55,33 +60,33 @@ def _root(config_path: ConfigOpt = None) -> None:
         os.environ["FRESHPOOL_CONFIG"] = str(config_path)
 
 
-class Exit(Exception):
+class Exit(FreshpoolError):
+    """A command's own refusal, with the exit code to leave with."""
+
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
 
 
 def friendly(fn: F) -> F:
-    """Turn expected failures into one clear message and a non-zero exit, no traceback."""
+    """Turn expected failures into one clear message and the exit code of their kind
+    (core/errors.py's table), no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from freshpool.core.errors import EXIT_CODES, code_for
+
         try:
             return fn(*args, **kwargs)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                err.print(f"[red]config error:[/] {problem}", highlight=False)
-            raise typer.Exit(2) from None
-        except (UnknownName, NotFound) as exc:
-            _fail(str(exc).strip("'\""), 2)
-        except (InvalidTransition, StaleState) as exc:
-            _fail(str(exc), 1)
-        except (DriverError, handoff.NothingToServe) as exc:
-            _fail(str(exc), 3)
-        except handoff.AcquireTimeout as exc:
-            _fail(str(exc), 4)
         except Exit as exc:
             _fail(str(exc), exc.code)
+        except FreshpoolError as exc:
+            problems = getattr(exc, "problems", None)
+            if problems is not None:  # a config file's: one line each
+                for problem in problems:
+                    err.print(f"[red]config error:[/] {problem}", highlight=False)
+                raise typer.Exit(2) from None
+            _fail(str(exc).strip("'\""), code_for(exc, EXIT_CODES, 1))
         except PermissionError as exc:
             _fail(
                 f"permission denied: {exc.filename or exc} (freshpool needs root for "
@@ -89,7 +94,7 @@ def friendly(fn: F) -> F:
                 1,
             )
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # same signature: functools.wraps
 
 
 def _fail(message: str, code: int) -> None:
@@ -99,6 +104,10 @@ def _fail(message: str, code: int) -> None:
 
 @contextmanager
 def opened(config_path: Path | None) -> Iterator[tuple[Config, Store]]:
+    # Here, not at the top: every command imports this module, most need no store.
+    from freshpool.config import load
+    from freshpool.store import Store
+
     config = load(config_path)
     store = Store.open(config.state_dir, config.database_url)
     try:
@@ -107,7 +116,19 @@ def opened(config_path: Path | None) -> Iterator[tuple[Config, Store]]:
         store.close()
 
 
+def checked_drivers(config: Config, store: Store) -> dict[str, Driver]:
+    """Every provider's driver, each checked that it can work on this host."""
+    from freshpool.drivers.base import load_driver
+
+    drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
+    for driver in drivers.values():
+        driver.check()
+    return drivers
+
+
 def access_of(node: NodeRow) -> SshAccess:
+    from freshpool.drivers.base import SshAccess
+
     if not node.access:
         raise Exit(f"node {node.id} is {node.state} and has no address yet")
     return SshAccess(**node.access)
@@ -128,6 +149,9 @@ def node_json(node: NodeRow) -> dict[str, Any]:
         "external_id": node.external_id,
     }
     if node.access:
+        from freshpool.drivers.base import SshAccess
+        from freshpool.drivers.ssh import paste_command
+
         data.update(node.access)
         data["ssh"] = paste_command(SshAccess(**node.access))
     return data

@@ -9,14 +9,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 
 from freshpool.cli.app import opened
-from freshpool.config import Config
-from freshpool.service import handoff, nodesets
-from freshpool.store import EventRow, NodeRow, Store
+from freshpool.core.states import NodeState
+
+if TYPE_CHECKING:
+    from freshpool.config import Config
+    from freshpool.store import EventRow, NodeRow, Store
 
 UrlOpt = Annotated[
     str | None,
@@ -45,16 +47,18 @@ class StoreBackend:
         self.config, self.store = config, store
 
     def acquire(self, labels: list[str], timeout: float) -> list[NodeRow]:
-        return handoff.acquire(self.config, self.store, labels, timeout)
+        from freshpool.dispatch import direct
+
+        return direct.acquire(self.config, self.store, labels, timeout)
 
     def release(self, node_id: int, why: str) -> list[NodeRow]:
-        return nodesets.release(self.store, node_id, why)
+        return self.store.release_set(node_id, why)
 
     def hold(self, node_id: int) -> NodeRow:
-        return handoff.hold(self.store, node_id)
+        return self.store.move(node_id, NodeState.HOLD, "held")
 
     def delete(self, node_id: int) -> NodeRow:
-        return handoff.delete(self.store, node_id)
+        return self.store.move(node_id, NodeState.DELETING, "deleted by operator")
 
     def nodes(self) -> list[NodeRow]:
         return self.store.nodes()

@@ -10,15 +10,14 @@ from freshpool.cli.app import (
     friendly,
     out,
 )
-from freshpool.config import default_text, load, resolve_path
-
-# ---------------------------------------------------------------- config
 
 
 @config_app.command("validate")
 @friendly
 def config_validate(config_path: ConfigOpt = None) -> None:
     """Check the config file; print every problem with its line and key path."""
+    from freshpool.config import load, resolve_path
+
     source, _ = resolve_path(config_path)
     config = load(config_path)
     out.print(
@@ -31,4 +30,6 @@ def config_validate(config_path: ConfigOpt = None) -> None:
 @config_app.command("default")
 def config_default() -> None:
     """Print the embedded default config (a starting point for freshpool.yaml)."""
+    from freshpool.config import default_text
+
     sys.stdout.write(default_text())

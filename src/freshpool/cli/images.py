@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
+from freshpool import launcherlock
 from freshpool.cli.app import (
     ConfigOpt,
     Exit,
     JsonOpt,
+    checked_drivers,
     err,
     friendly,
     image_app,
@@ -27,17 +26,15 @@ from freshpool.cli.app import (
     out,
     short_age,
 )
-from freshpool.config import Config
 from freshpool.core.states import BuildState
-from freshpool.drivers.base import Driver, load_driver
-from freshpool.service import imaging
-from freshpool.service.imagekeeper import ImageKeeper
-from freshpool.store import BuildRow, Store
+
+if TYPE_CHECKING:
+    from freshpool.config import Config
+    from freshpool.launcher.images import ImageController
+    from freshpool.store import BuildRow, Store
 
 B = BuildState
 FINISHED = (B.READY, B.FAILED, B.RETIRED, B.DELETED)
-# The launcher's lock file: whoever holds it owns the state dir's drivers and builds.
-LOCK_FILE = "launcher.lock"
 
 # ---------------------------------------------------------------- build
 
@@ -76,8 +73,8 @@ def image_build(
                 f" run `freshpool image build {image.parent}` first",
                 1,
             )
-        with _builder_lock(config.state_dir, f"freshpool image build {name}") as (held, holder):
-            if not held:
+        with launcherlock.trying(config.state_dir, f"freshpool image build {name}") as holder:
+            if holder is not None:
                 if "image build" in holder:
                     raise Exit(f"another image build runs on {config.state_dir} ({holder})", 1)
                 since = time.time()
@@ -98,8 +95,7 @@ def image_build(
 
 def _build_here(config: Config, store: Store, name: str, fresh: bool) -> BuildRow:
     """No launcher runs: build, validate and upload in this process, showing progress."""
-    drivers = _drivers(config, store)
-    keeper = ImageKeeper(config, store, drivers, automatic=False)
+    keeper = _keeper(config, store)
     since = time.time()
     store.request_build(name, fresh)
     stop = threading.Event()
@@ -114,13 +110,13 @@ def _build_here(config: Config, store: Store, name: str, fresh: bool) -> BuildRo
         raise
     finally:
         stop.set()
-        keeper.stop()
+        keeper.stop(time.monotonic() + 30)
         worker.join(60)
         # A request that never started must not surprise the next `serve`.
         store.take_build_request(name)
 
 
-def _drive(keeper: ImageKeeper, store: Store, name: str, stop: threading.Event) -> None:
+def _drive(keeper: ImageController, store: Store, name: str, stop: threading.Event) -> None:
     """Run keeper passes until the requested build and everything it started are done."""
     while not stop.is_set():
         keeper.tick()
@@ -196,36 +192,14 @@ def _report(row: BuildRow) -> None:
     )
 
 
-def _drivers(config: Config, store: Store) -> dict[str, Driver]:
-    drivers = {}
-    for provider in config.providers:
-        driver = load_driver(provider, store.cluster_id, config.state_dir)
-        driver.check()
-        drivers[provider.name] = driver
-    return drivers
+def _keeper(config: Config, store: Store) -> ImageController:
+    """The image controller alone, as `serve` would run it, for this command's work."""
+    from freshpool.launcher.context import Shared
+    from freshpool.launcher.images import ImageController
 
-
-@contextlib.contextmanager
-def _builder_lock(state_dir: Path, what: str) -> Iterator[tuple[bool, str]]:
-    """(True, "") while this process holds the launcher lock; else (False, its holder)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed below
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            yield False, handle.read().strip() or "another process"
-            return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} ({what})")
-        handle.flush()
-        try:
-            yield True, ""
-        finally:
-            handle.seek(0)
-            handle.truncate()
+    keeper = ImageController(Shared(config, store, checked_drivers(config, store)), automatic=False)
+    keeper.start()
+    return keeper
 
 
 # ---------------------------------------------------------------- list and log
@@ -345,18 +319,18 @@ def image_delete(
     build_id: Annotated[str, typer.Argument(metavar="BUILD")], config_path: ConfigOpt = None
 ) -> None:
     """Delete a build: out of service now, removed from disk once no node uses it."""
+    from freshpool.launcher import buildverbs
+
     with opened(config_path) as (config, store):
-        try:
-            row = imaging.delete(store, config, build_id)
-        except imaging.ImagingError as exc:
-            raise Exit(str(exc), 1) from None
+        row = buildverbs.delete(store, config, build_id)
         if row.state == B.DELETED:
             out.print(f"build {build_id} deleted", highlight=False)
             return
         users = store.nodes_per_build().get(build_id, 0)
-        with _builder_lock(config.state_dir, "freshpool image delete") as (held, holder):
+        with launcherlock.trying(config.state_dir, "freshpool image delete") as holder:
+            held = holder is None
             if held:
-                keeper = ImageKeeper(config, store, _drivers(config, store), automatic=False)
+                keeper = _keeper(config, store)
                 deadline = time.monotonic() + 60
                 while True:
                     keeper.tick()
@@ -388,8 +362,10 @@ def image_pause(
     config_path: ConfigOpt = None,
 ) -> None:
     """Stop new builds of an image (its ready builds keep serving)."""
+    from freshpool.launcher import buildverbs
+
     with opened(config_path) as (config, store):
-        imaging.pause(store, config, name, reason)
+        buildverbs.pause(store, config, name, reason)
     out.print(f"image {name} paused: no new builds until `freshpool image unpause {name}`")
 
 
@@ -400,8 +376,10 @@ def image_unpause(
     config_path: ConfigOpt = None,
 ) -> None:
     """Allow builds of an image again."""
+    from freshpool.launcher import buildverbs
+
     with opened(config_path) as (config, store):
-        imaging.unpause(store, config, name)
+        buildverbs.unpause(store, config, name)
     out.print(f"image {name} unpaused")
 
 
@@ -415,11 +393,10 @@ def image_rollback(
 
     Nodes already running keep their build; new nodes launch from the earlier one.
     """
+    from freshpool.launcher import buildverbs
+
     with opened(config_path) as (config, store):
-        try:
-            retired, serving = imaging.rollback(store, config, name)
-        except imaging.ImagingError as exc:
-            raise Exit(str(exc), 1) from None
+        retired, serving = buildverbs.rollback(store, config, name)
     out.print(
         f"image {name}: {retired.id} retired; new nodes launch from {serving.id}",
         highlight=False,

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,8 +25,10 @@ from freshpool.cli.app import (
 )
 from freshpool.cli.backend import UrlOpt, backend
 from freshpool.cli.vm import vm_accel
-from freshpool.drivers.ssh import paste_command, ssh_argv
-from freshpool.store import NodeRow, NotFound
+from freshpool.core.errors import NotFound
+
+if TYPE_CHECKING:
+    from freshpool.store import NodeRow
 
 # -------------------------------------------------------------- using nodes
 
@@ -48,6 +50,8 @@ def acquire(
         return
     access = access_of(node)
     out.print(f"node {node.id} ({node.label}) at {access.host}", highlight=False)
+    from freshpool.drivers.ssh import paste_command
+
     out.print(paste_command(access), highlight=False, soft_wrap=True)
     out.print(f"release it with: freshpool release {node.id}", highlight=False)
 
@@ -106,6 +110,8 @@ def run(
         (node,) = pool.acquire([label], timeout)
         err.print(f"[dim]node {node.id} ({node.label})[/]", highlight=False)
         try:
+            from freshpool.drivers.ssh import ssh_argv
+
             status = subprocess.call(ssh_argv(access_of(node), command), stdin=subprocess.DEVNULL)
         finally:
             pool.release(node.id, "job finished")
@@ -123,6 +129,8 @@ def ssh(
     """Open a shell on a node (or run COMMAND there)."""
     with backend(config_path, url) as pool:
         node = pool.node(node_id)
+    from freshpool.drivers.ssh import ssh_argv
+
     argv = ssh_argv(access_of(node), command or None, tty=not command and sys.stdin.isatty())
     os.execvp(argv[0], argv)
 
@@ -158,10 +166,10 @@ def list_nodes(as_json: JsonOpt = False, config_path: ConfigOpt = None, url: Url
     out.print(f"{len(nodes)} nodes", style="dim")
 
 
-def _address(access: dict) -> str:
+def _address(access: dict[str, Any]) -> str:
     # VM nodes share 127.0.0.1 and differ by their forwarded port.
     port = access.get("port", 22)
-    return access.get("host", "") + (f":{port}" if port != 22 else "")
+    return str(access.get("host", "")) + (f":{port}" if port != 22 else "")
 
 
 @app.command()

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from freshpool.api.client import ApiClient, ApiError, RequestFailed
-from freshpool.cli.app import Exit
-from freshpool.service import handoff
-from freshpool.store import EventRow, NodeRow, NotFound
+from freshpool.core.errors import AcquireTimeout, NotFound, error_for_status
+from freshpool.dispatch.direct import requestor
+from freshpool.store import EventRow, NodeRow
 
 
 class ApiBackend:
@@ -18,12 +18,10 @@ class ApiBackend:
 
     def acquire(self, labels: list[str], timeout: float) -> list[NodeRow]:
         try:
-            return _cli_errors(self.client.request_nodes)(
-                labels, timeout, requestor=handoff.requestor()
-            )
+            return _cli_errors(self.client.request_nodes)(labels, timeout, requestor=requestor())
         except RequestFailed as exc:
             reason = exc.request.get("reason", "")
-            raise handoff.AcquireTimeout(
+            raise AcquireTimeout(
                 f"no ready {', '.join(labels)} node within {timeout:g} s"
                 f"{f' ({reason})' if reason else ''}; the pool may be exhausted or still"
                 " filling (see `freshpool list`)"
@@ -52,21 +50,17 @@ class ApiBackend:
             return []
 
 
-# HTTP status -> the CLI's exit codes (see README): 2 bad input, 1 refused, 3 cannot.
-_EXIT = {400: 2, 422: 2, 401: 1, 403: 1, 409: 1}
 T = TypeVar("T")
 
 
 def _cli_errors(call: Callable[..., T]) -> Callable[..., T]:
-    """The API's refusals as the errors the CLI already turns into messages and exit codes."""
+    """The API's refusals as the errors the CLI turns into messages and exit codes."""
 
     @functools.wraps(call)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return call(*args, **kwargs)
         except ApiError as exc:
-            if exc.status == 404:
-                raise NotFound(str(exc)) from None
-            raise Exit(str(exc), _EXIT.get(exc.status or 0, 3)) from None
+            raise error_for_status(exc.status or 503, str(exc)) from None
 
     return wrapper

@@ -9,10 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from freshpool.cli.app import ConfigOpt, Exit, JsonOpt, app, friendly, opened, out, short_age
-from freshpool.service import tokens
+from freshpool.cli.app import ConfigOpt, JsonOpt, app, friendly, group, opened, out, short_age
 
-token_app = typer.Typer(no_args_is_help=True, help="API tokens (bearer tokens bound to a tenant).")
+token_app = group("API tokens (bearer tokens bound to a tenant).")
 app.add_typer(token_app, name="token")
 
 
@@ -24,11 +23,10 @@ def token_create(
     config_path: ConfigOpt = None,
 ) -> None:
     """Make a token and print it once; only its hash is kept."""
+    from freshpool.api import tokens
+
     with opened(config_path) as (config, store):
-        try:
-            row, secret = tokens.create(store, tenant, description)
-        except tokens.BadTenant as exc:
-            raise Exit(str(exc), 2) from None
+        row, secret = tokens.create(store, tenant, description)
         admin = tenant in config.api.admin_tenants
     # The secret alone on stdout, so `TOKEN=$(freshpool token create -t ci)` works.
     print(secret)

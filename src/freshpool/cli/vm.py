@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from freshpool.cli.app import ConfigOpt, Exit, err, friendly, image_app, opened, out
-from freshpool.config import Config
-from freshpool.service.vmcommit import CommitRefused, commit_node
-from freshpool.store import NodeRow
+from freshpool.cli.app import ConfigOpt, err, friendly, image_app, opened, out
+
+if TYPE_CHECKING:
+    from freshpool.store import NodeRow
 
 
 @image_app.command("commit")
@@ -27,11 +27,10 @@ def image_commit(
     The node is then used up (deleted by the launcher); new nodes of the image boot
     from the committed disk.
     """
+    from freshpool.launcher.vmcommit import commit_node
+
     with opened(config_path) as (config, store), err.status(f"committing node {node_id}"):
-        try:
-            row = commit_node(config, store, node_id, image, timeout)
-        except CommitRefused as exc:
-            raise Exit(str(exc), 1) from None
+        row = commit_node(config, store, node_id, image, timeout)
     out.print(
         f"node {node_id}: committed as build {row.id} of image {row.image} ({row.path})",
         highlight=False,
@@ -44,6 +43,8 @@ def vm_accel(pool: object, nodes: list[NodeRow]) -> dict[int, str]:
     Read from the qemu driver's runtime files, so only with the local store: the
     store keeps no per-node driver facts yet (README, "VM nodes").
     """
+    from freshpool.config import Config
+
     config = getattr(pool, "config", None)
     if not isinstance(config, Config):
         return {}

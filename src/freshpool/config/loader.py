@@ -100,7 +100,7 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _problem(source: str, tree: CommentedMap, err: Any) -> ConfigProblem:
+def _problem(source: str, tree: Any, err: Any) -> ConfigProblem:
     loc = [part for part in err["loc"] if not (isinstance(part, str) and "[" in part)]
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":

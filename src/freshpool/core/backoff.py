@@ -25,10 +25,11 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before try number `attempt + 1` (attempt counts from 0)."""
-        ceiling = min(self.cap, self.base * 2 ** min(max(attempt, 0), 60))
+        ceiling = min(self.cap, self.base * 2.0 ** min(max(attempt, 0), 60))
         if not self.jitter:
             return ceiling
-        return (rng or random).uniform(ceiling / 2, ceiling)
+        draw = rng.uniform if rng is not None else random.uniform
+        return draw(ceiling / 2, ceiling)
 
 
 def with_retries(

@@ -97,10 +97,8 @@ def code_for(error: BaseException, table: dict[type[FreshpoolError], int], defau
 
 
 def error_for_status(status: int, message: str) -> FreshpoolError:
-    """The error an API answer of `status` stands for (the API's table read backwards)."""
-    for kind, code in HTTP_STATUS.items():
-        if code == status:
-            return kind(message)
-    if status in (400, 401, 403):
-        return Refused(message) if status != 400 else BadInput(message)
-    return Unavailable(message)
+    """The error an API answer of `status` stands for: the API's table read backwards
+    (most specific first), and the few statuses FastAPI itself answers."""
+    by_status = {code: kind for kind, code in reversed(HTTP_STATUS.items())}
+    by_status.update({400: BadInput, 401: Refused, 403: Refused})
+    return by_status.get(status, Unavailable)(message)

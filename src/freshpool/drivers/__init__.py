@@ -1,0 +1,1 @@
+"""Drivers: the adapters between freshpool and each place its nodes run (see base.py)."""

@@ -1,25 +1,61 @@
 """The driver interface: what the launcher asks of any place that runs nodes.
 
-A driver is an adapter that returns non-blocking operations, so one loop can advance
-thousands of launches without a thread each. It knows nothing of the store.
+A driver is an adapter that returns non-blocking operations (see operations.py), so
+one loop can advance thousands of launches without a thread each. It knows nothing
+of the store. What it raises on purpose is a DriverError, which the rest of
+freshpool reads as `Unavailable` (core/errors.py):
+
+    DriverError             a provider call failed
+    ├── DriverUnavailable   the driver cannot work on this host at all
+    ├── OutOfSpace          the host's disk filled up while creating a node
+    ├── QuotaExceeded       the provider refused a create: its quota is used up
+    └── CommandFailed       a host tool the driver ran exited non-zero
 """
 
 from __future__ import annotations
 
-import time
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Generator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from freshpool.config import Provider
+from freshpool.core.errors import Unavailable
+from freshpool.drivers.operations import (
+    CommandResult,
+    DoneOperation,
+    FailedCommand,
+    Operation,
+    StepOperation,
+)
+from freshpool.drivers.ssh import CommandOperation, SshAccess
 
-T = TypeVar("T")
+__all__ = [
+    "CommandFailed",
+    "CommandResult",
+    "DoneOperation",
+    "Driver",
+    "DriverError",
+    "DriverUnavailable",
+    "FailedCommand",
+    "ImageUpload",
+    "Instance",
+    "NodeSpec",
+    "Operation",
+    "OutOfSpace",
+    "Quota",
+    "QuotaExceeded",
+    "SshAccess",
+    "StepOperation",
+    "Tags",
+    "load_driver",
+]
 
 
-class DriverError(Exception):
+class DriverError(Unavailable):
     """A driver call failed; the message says what and why."""
 
 
@@ -29,6 +65,19 @@ class DriverUnavailable(DriverError):
 
 class OutOfSpace(DriverError):
     """The host ran out of disk while creating a node."""
+
+
+class QuotaExceeded(DriverError):
+    """The provider refused a create because its quota is used up."""
+
+
+class CommandFailed(DriverError):
+    """A host tool a driver ran exited non-zero; its argv, status and stderr are kept."""
+
+    def __init__(self, argv: Sequence[str], status: int, stderr: str) -> None:
+        self.argv, self.status, self.stderr = list(argv), status, stderr
+        detail = stderr.strip().replace("\n", "; ") or "no error output"
+        super().__init__(f"{os.path.basename(argv[0])} failed (exit {status}): {detail}")
 
 
 @dataclass(frozen=True)
@@ -44,37 +93,6 @@ class Tags:
             "freshpool-cluster": self.cluster,
             "freshpool-node": str(self.node_id),
             "freshpool-build": self.build_id,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, str]) -> Tags | None:
-        try:
-            return cls(
-                data["freshpool-cluster"],
-                int(data["freshpool-node"]),
-                data.get("freshpool-build", ""),
-            )
-        except (KeyError, ValueError):
-            return None
-
-
-@dataclass(frozen=True)
-class SshAccess:
-    """Everything a client needs to reach a node over SSH; stored with the node."""
-
-    host: str
-    port: int
-    user: str
-    key_path: str
-    known_hosts_path: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "key_path": self.key_path,
-            "known_hosts_path": self.known_hosts_path,
         }
 
 
@@ -126,78 +144,6 @@ class Quota:
     max_nodes: int
 
 
-class Operation(ABC, Generic[T]):
-    """A long-running driver action; `advance()` does a bounded step and returns."""
-
-    done: bool = False
-    result: T | None = None
-    error: BaseException | None = None
-    # Monotonic time before which advancing again is pointless.
-    not_before: float = 0.0
-
-    @abstractmethod
-    def advance(self) -> None: ...
-
-    def wait(self, timeout: float | None = None, step: float = 0.005) -> T:
-        """Advance until done; for callers that may block (CLI, tests)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
-            now = time.monotonic()
-            if deadline is not None and now > deadline:
-                raise TimeoutError(f"operation not done after {timeout} s")
-            if now >= self.not_before:
-                self.advance()
-            else:
-                time.sleep(min(step, self.not_before - now))
-        if self.error is not None:
-            raise self.error
-        return self.result  # type: ignore[return-value]
-
-
-class StepOperation(Operation[T]):
-    """An operation written as a generator.
-
-    The generator yields a number of seconds to wait (0 for "call again soon")
-    and returns its result. Each step between yields must be short.
-    """
-
-    def __init__(self, steps: Generator[float, None, T]) -> None:
-        self._steps = steps
-
-    def advance(self) -> None:
-        if self.done:
-            return
-        try:
-            pause = next(self._steps)
-            self.not_before = time.monotonic() + max(0.0, pause)
-        except StopIteration as stop:
-            self.result, self.done = stop.value, True
-        except Exception as exc:
-            self.error, self.done = exc, True
-
-
-class DoneOperation(Operation[T]):
-    def __init__(self, result: T | None = None, error: BaseException | None = None) -> None:
-        self.result, self.error, self.done = result, error, True
-
-    def advance(self) -> None:
-        return None
-
-
-class CommandResult(Operation[int]):
-    """A command running on a node: the result is its exit status, `output` its text."""
-
-    output: str = ""
-
-
-class FailedCommand(CommandResult):
-    def __init__(self, error: BaseException) -> None:
-        self.error, self.done = error, True
-
-    def advance(self) -> None:
-        return None
-
-
 class Driver(ABC):
     """One provider's adapter. Create and delete return operations; nothing blocks long."""
 
@@ -234,11 +180,15 @@ class Driver(ABC):
         The launcher tests and health-checks nodes through this. Drivers whose
         nodes answer SSH keep the default.
         """
-        from freshpool.drivers.ssh import CommandOperation
-
         if access is None:
             return FailedCommand(DriverError(f"{external_id}: no way to reach the node"))
         return CommandOperation(access, command, timeout)
+
+    @property
+    def runs_layers_in_place(self) -> bool:
+        """Whether it keeps the default upload: its nodes run from the layers on disk,
+        so a build with no upload row here yet serves too."""
+        return type(self).upload_image is Driver.upload_image
 
     def upload_image(self, upload: ImageUpload) -> Operation[str]:
         """Make a build available here; the result is the provider's id for it.
@@ -265,4 +215,5 @@ def load_driver(provider: Provider, cluster: str, state_dir: Path) -> Driver:
             f" (installed: {', '.join(sorted(found)) or 'none'})"
         )
     cls = found[provider.driver].load()
-    return cls(provider, cluster, state_dir / "providers" / provider.name)
+    driver: Driver = cls(provider, cluster, state_dir / "providers" / provider.name)
+    return driver

@@ -35,14 +35,11 @@ from freshpool.drivers.base import (
     NodeSpec,
     Operation,
     Quota,
+    QuotaExceeded,
     SshAccess,
     StepOperation,
     Tags,
 )
-
-
-class QuotaExceeded(DriverError):
-    """The provider refused a create because its quota is used up."""
 
 
 class _Store:
@@ -100,6 +97,8 @@ class _Store:
 
 
 class SimDriver(Driver):
+    """A simulated cloud whose every fault is drawn from a stream seeded by the config."""
+
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
         super().__init__(provider, cluster, state_dir)
         self.settings = provider.sim

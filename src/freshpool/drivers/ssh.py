@@ -8,9 +8,31 @@ import shlex
 import socket
 import subprocess
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from freshpool.drivers.base import CommandResult, SshAccess, StepOperation
+from freshpool.drivers.operations import CommandResult, StepOperation
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """Everything a client needs to reach a node over SSH; stored with the node."""
+
+    host: str
+    port: int
+    user: str
+    key_path: str
+    known_hosts_path: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "key_path": self.key_path,
+            "known_hosts_path": self.known_hosts_path,
+        }
 
 
 def ssh_argv(
@@ -34,8 +56,8 @@ def ssh_argv(
         "BatchMode=yes",
         "-o",
         "LogLevel=ERROR",
-        # OpenSSH's default post-quantum key exchange costs ~90 ms of client CPU per
-        # connection here; nodes are short-lived and on a host-only bridge, so the
+        # OpenSSH's default post-quantum key exchange costs much client CPU per
+        # connection; nodes are short-lived and on a host-only network, so the
         # classic curve goes first (the rest of the default list stays allowed).
         "-o",
         "KexAlgorithms=^curve25519-sha256",
@@ -123,6 +145,43 @@ class BannerProbe:
     def close(self) -> None:
         if self._result is None:
             self._finish(False)
+
+
+def wait_for_banner(
+    host: str,
+    port: int,
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    died: Callable[[int], Exception],
+    timed_out: Callable[[], Exception],
+    pending: tuple[float, float],
+    refused: tuple[float, float],
+) -> Generator[float, None, None]:
+    """Steps that poll host:port until an SSH banner comes, without ever blocking.
+
+    If `proc` (what serves the node) exits first, `died(its status)` is raised; past
+    the monotonic `deadline`, `timed_out()`. `pending` and `refused` are the first and
+    the longest pause, doubling in between, while a connection waits for its banner
+    and after a connection was refused.
+    """
+    wait_pending, wait_refused = pending[0], refused[0]
+    probe = BannerProbe(host, port)
+    try:
+        while not (answer := probe.poll()):
+            status = proc.poll()
+            if status is not None:
+                raise died(status)
+            if time.monotonic() > deadline:
+                raise timed_out()
+            if answer is None:
+                yield wait_pending
+                wait_pending = min(wait_pending * 2, pending[1])
+            else:
+                yield wait_refused
+                wait_refused = min(wait_refused * 2, refused[1])
+                probe = BannerProbe(host, port)
+    finally:
+        probe.close()
 
 
 class CommandOperation(StepOperation[int], CommandResult):

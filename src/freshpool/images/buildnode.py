@@ -18,12 +18,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
+from freshpool.core.capabilities import BUILD_CAPABILITIES
+from freshpool.core.errors import Refused, TimedOut
 from freshpool.images.layers import VOLATILE_XATTRS
 from freshpool.images.remove import remove_tree
+from freshpool.images.rootcommand import HOST_RESOLV, SEARCH_PATH
 
-SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HOST_RESOLV = Path("/etc/resolv.conf")
 # Inputs (the script, apt settings, files to copy in) appear here, on the node's tmpfs.
 INPUTS = "/tmp/.freshpool"
 POLICY_RC_D = "#!/bin/sh\n# freshpool build node: no service starts during a build.\nexit 101\n"
@@ -38,33 +40,15 @@ Acquire::Languages "none";
 # Files bwrap binds over; if the image lacks one, bwrap leaves an empty mount point in
 # the upper dir, which the snapshot must not keep.
 MOUNT_POINTS = ("usr/sbin/policy-rc.d", "etc/resolv.conf")
-# Docker's default set: enough for apt, dpkg and ordinary builds; no CAP_SYS_ADMIN
-# (mounts) and no CAP_NET_ADMIN (the host's routes and firewall).
-CAPABILITIES = (
-    "CAP_AUDIT_WRITE",
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_MKNOD",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_RAW",
-    "CAP_SETFCAP",
-    "CAP_SETGID",
-    "CAP_SETPCAP",
-    "CAP_SETUID",
-    "CAP_SYS_CHROOT",
-)
 OnLine = Callable[[str], None]
 
 
-class Cancelled(Exception):
+class Cancelled(Refused):
     """The build was asked to stop."""
 
 
-class StepTimeout(Exception):
-    pass
+class StepTimeout(TimedOut):
+    """A command in the node ran past its step's timeout."""
 
 
 class BuildNode:
@@ -146,6 +130,32 @@ class BuildNode:
         Every line of output goes to `on_line` as it comes. Raises StepTimeout or
         Cancelled after killing everything the command started.
         """
+        full_env = {"PATH": SEARCH_PATH, "HOME": "/root", "LC_ALL": "C.UTF-8", **env}
+        full_env["APT_CONFIG"] = f"{INPUTS}/apt.conf"
+        full_env.setdefault("DEBIAN_FRONTEND", "noninteractive")
+        # A session of its own, so a timeout or cancel kills everything it started.
+        proc = subprocess.Popen(
+            [*self._bwrap(), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        try:
+            _stream(proc.stdout, on_line, timeout, cancel)
+            return proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+
+    def _bwrap(self) -> list[str]:
+        """The bubblewrap command line that puts what follows it inside the node."""
         wrap = [
             "bwrap",
             "--bind", str(self.root), "/",
@@ -163,50 +173,10 @@ class BuildNode:
             "--die-with-parent",
             "--chdir", "/root" if self.path("/root").is_dir() else "/",
             "--cap-drop", "ALL",
-            *(arg for cap in CAPABILITIES for arg in ("--cap-add", cap)),
+            *(arg for cap in BUILD_CAPABILITIES for arg in ("--cap-add", cap)),
             "--",
         ]  # fmt: skip
-        full_env = {"PATH": SEARCH_PATH, "HOME": "/root", "LC_ALL": "C.UTF-8", **env}
-        full_env["APT_CONFIG"] = f"{INPUTS}/apt.conf"
-        full_env.setdefault("DEBIAN_FRONTEND", "noninteractive")
-        # A session of its own, so a timeout or cancel kills everything it started.
-        proc = subprocess.Popen(
-            [*wrap, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            start_new_session=True,
-        )
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        pending = b""
-        try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(proc.stdout, selectors.EVENT_READ)
-                while True:
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("the build was stopped")
-                    if time.monotonic() > deadline:
-                        raise StepTimeout(f"did not finish within {timeout:g} s")
-                    if not selector.select(timeout=0.2):
-                        continue
-                    chunk = os.read(proc.stdout.fileno(), 65536)
-                    if not chunk:
-                        break
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    for line in lines:
-                        on_line(line.decode(errors="replace").rstrip("\r"))
-            if pending:
-                on_line(pending.decode(errors="replace"))
-            return proc.wait()
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-        finally:
-            proc.stdout.close()
+        return wrap
 
     def finish(self) -> None:
         """Unmount and leave in `upper` only what the commands changed."""
@@ -238,6 +208,31 @@ class BuildNode:
             # Something inside still holds it (a process that escaped the kill): detach.
             subprocess.run(["umount", "-l", str(self.root)], capture_output=True, check=False)
         self._mounted = False
+
+
+def _stream(
+    stdout: IO[bytes], on_line: OnLine, timeout: float, cancel: threading.Event | None
+) -> None:
+    """Pass each line of `stdout` to `on_line` until it closes; StepTimeout or Cancelled."""
+    deadline = time.monotonic() + timeout
+    pending = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stdout, selectors.EVENT_READ)
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the build was stopped")
+            if time.monotonic() > deadline:
+                raise StepTimeout(f"did not finish within {timeout:g} s")
+            if not selector.select(timeout=0.2):
+                continue
+            chunk = os.read(stdout.fileno(), 65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                on_line(line.decode(errors="replace").rstrip("\r"))
+    if pending:
+        on_line(pending.decode(errors="replace"))
 
 
 def prune_unchanged_dirs(upper: Path, lowers: Sequence[Path]) -> None:

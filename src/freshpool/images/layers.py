@@ -41,10 +41,6 @@ PREFIX = "sha256-"
 _CHUNK = 1 << 20
 
 
-class LayerError(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class TreeStats:
     """The digest and sizes of one tree: apparent bytes, bytes on disk, entries."""
@@ -81,7 +77,7 @@ def digest_tree(root: Path, strip_volatile: bool = False) -> TreeStats:
     """
     top = os.fsencode(root)
     outer = hashlib.sha256()
-    # Hard links: hashed and counted once.
+    # Hard links are hashed and counted once: their names share one inode's bytes.
     hashes: dict[tuple[int, int], bytes] = {}
     counted: set[tuple[int, int]] = set()
     size = disk = count = 0

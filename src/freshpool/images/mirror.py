@@ -6,11 +6,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from freshpool.core.errors import Unavailable
+
 APT_DIR = Path("/etc/apt")
 
 
-class MirrorNotFound(LookupError):
-    pass
+class MirrorNotFound(Unavailable, LookupError):
+    """The host's apt sources name no Debian mirror for the suite."""
 
 
 @dataclass(frozen=True)

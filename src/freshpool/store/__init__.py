@@ -1,22 +1,14 @@
-"""The state store (SQLAlchemy; SQLite by default). One class made of one mixin per table group."""
+"""The state store (SQLAlchemy; SQLite by default, PostgreSQL for a fleet): one class
+made of one mixin per table group, every change a compare-and-set against
+core/states.py."""
 
-from freshpool.store.base import ChangeWatcher, NotFound, StaleState, WriteBusy
-from freshpool.store.builds import BuildQueries, BuildRow
-from freshpool.store.handout import (
-    HandOut,
-    HandOutQueries,
-    NewRequest,
-    Planner,
-    Queue,
-    Ready,
-    first_fit,
-    first_fit_for,
-    needs,
-)
+from freshpool.core.errors import NotFound, StaleState, WriteBusy
+from freshpool.store.builds import BuildInProgress, BuildQueries, BuildRow, ImageRow, ServingBuild
+from freshpool.store.changes import ChangeWatcher
+from freshpool.store.handout import HandOut, HandOutQueries, NewRequest, Planner, Queue, queue_only
 from freshpool.store.history import HistoryEvent, HistoryQueries, RequestOutcome
-from freshpool.store.nodes import EventRow, NodeQueries, NodeRow
+from freshpool.store.nodes import EventRow, Move, NodeQueries, NodeRow
 from freshpool.store.requests import RequestQueries, RequestRow
-from freshpool.store.scheduling import SchedulingQueries
 from freshpool.store.tokens import TokenQueries, TokenRow
 from freshpool.store.uploads import UploadQueries, UploadRow
 
@@ -26,34 +18,34 @@ class Store(
     RequestQueries,
     HandOutQueries,
     BuildQueries,
-    SchedulingQueries,
     HistoryQueries,
     TokenQueries,
     UploadQueries,
 ):
-    """Every query freshpool makes; changes are compare-and-set against states.py."""
+    """Every query freshpool makes."""
 
 
 __all__ = [
+    "BuildInProgress",
     "BuildRow",
     "ChangeWatcher",
     "EventRow",
     "HandOut",
     "HistoryEvent",
+    "ImageRow",
+    "Move",
     "NewRequest",
     "NodeRow",
     "NotFound",
     "Planner",
     "Queue",
-    "Ready",
     "RequestOutcome",
     "RequestRow",
+    "ServingBuild",
     "StaleState",
     "Store",
     "TokenRow",
     "UploadRow",
     "WriteBusy",
-    "first_fit",
-    "first_fit_for",
-    "needs",
+    "queue_only",
 ]

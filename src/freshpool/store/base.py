@@ -1,73 +1,21 @@
-"""The store's foundation: engine, transactions, cluster id, change watching, errors."""
+"""The store's foundation: one engine, its read and write transactions, the cluster id."""
 
 from __future__ import annotations
 
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from sqlalchemy import Connection, Engine, Table, Update, insert, select, update
+from sqlalchemy import Connection, Table, Update, insert, select, update
 from sqlalchemy.exc import OperationalError
 
+from freshpool.core.errors import WriteBusy
 from freshpool.store import db
+from freshpool.store.changes import ChangeWatcher
 from freshpool.store.schema import meta
-
-
-class StaleState(Exception):
-    """The row was not in the state the caller expected (someone else moved it first)."""
-
-
-class NotFound(LookupError):
-    pass
-
-
-class WriteBusy(Exception):
-    """Another writer holds the write lock now, and this write was not to wait for it.
-    Nothing was done."""
-
-
-class ChangeWatcher:
-    """Tells cheaply whether another process committed since the last look.
-
-    SQLite's data_version changes on one connection when others commit, so the
-    launcher and waiting clients wake at once when a node is released, without
-    re-reading tables. Other backends say "maybe" at most every `poll` seconds
-    (LISTEN/NOTIFY would make PostgreSQL as prompt; not needed on one host).
-    """
-
-    def __init__(self, engine: Engine, poll: float = 0.1) -> None:
-        self._conn = engine.raw_connection() if engine.dialect.name == "sqlite" else None
-        self._poll = poll
-        self._next = time.monotonic() + poll
-        self._last = self._version()
-
-    def _version(self) -> int:
-        if self._conn is None:
-            return 0
-        cur = self._conn.cursor()
-        cur.execute("PRAGMA data_version")
-        value = int(cur.fetchone()[0])
-        cur.close()
-        return value
-
-    def changed(self) -> bool:
-        if self._conn is None:
-            now = time.monotonic()
-            if now < self._next:
-                return False
-            self._next = now + self._poll
-            return True
-        now_version = self._version()
-        changed, self._last = now_version != self._last, now_version
-        return changed
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
 
 
 def cas_statement(table: Table, row_id: object, expect: str, values: dict[str, Any]) -> Update:
@@ -131,9 +79,8 @@ class StoreBase:
     def _write(self, wait: bool = True) -> Iterator[Connection]:
         """A write transaction. With `wait` false it raises WriteBusy at once, having
         done nothing, if another writer holds the lock (SQLite only)."""
-        # Threads of one process (API, launcher) queue here for SQLite's single write
-        # lock: waiting on SQLite's busy handler instead sleeps in steps of up to
-        # 100 ms, which turns a 1 ms hand-out into a long one under load.
+        # Threads of one process queue here for SQLite's single write lock: SQLite's
+        # busy handler instead sleeps in coarse steps, far longer than a hand-out.
         if not self._write_lock.acquire(blocking=wait):
             raise WriteBusy("another thread of this process is writing")
         try:
@@ -163,7 +110,7 @@ class StoreBase:
         with self._write() as conn:
             found = conn.scalar(select(meta.c.value).where(meta.c.key == "cluster_id"))
             if found:
-                return found
+                return str(found)
             # Short enough to fit in interface and namespace names, random enough
             # that two state dirs on one host never share it.
             value = secrets.token_hex(4)

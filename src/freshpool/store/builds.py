@@ -12,12 +12,13 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 
 from freshpool.core import states
+from freshpool.core.errors import NotFound, Refused, StaleState
 from freshpool.core.states import BuildState, UploadState
-from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
+from freshpool.store.base import StoreBase, compare_and_set
 from freshpool.store.schema import image_builds, images, nodes, uploads
 
 
-class BuildInProgress(Exception):
+class BuildInProgress(Refused):
     """An image already has a build that is not finished."""
 
 
@@ -104,8 +105,13 @@ class BuildQueries(StoreBase):
             )
             if busy:
                 raise BuildInProgress(f"image {image} already has build {busy} in progress")
-            number = conn.scalar(
-                select(func.count()).select_from(image_builds).where(image_builds.c.image == image)
+            number = (
+                conn.scalar(
+                    select(func.count())
+                    .select_from(image_builds)
+                    .where(image_builds.c.image == image)
+                )
+                or 0
             )
             while True:
                 number += 1

@@ -9,13 +9,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Dialect, Engine, create_engine, event
+from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError
+
+from freshpool.store.migrations import HEAD
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -30,8 +32,8 @@ class SqliteSettings:
     """Per-engine choices the connect hook applies to every new connection."""
 
     # SQLite checkpoints on commit once the log passes 1000 pages: the commit that
-    # crosses it copies the log into the database and syncs it, a 10-20 ms stall on
-    # whichever hand-out happens to commit then. A long-running server turns that
+    # crosses it copies the log into the database and syncs it, a stall on whichever
+    # hand-out happens to commit then. A long-running server turns that
     # off and checkpoints on a thread of its own (Checkpointer).
     autocheckpoint: bool = True
 
@@ -57,7 +59,7 @@ def make_engine(url: str, settings: SqliteSettings | None = None) -> Engine:
 
 def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from the sqlite3 module, so "begin" below decides.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
@@ -69,7 +71,7 @@ def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    def _on_begin(conn: Connection) -> None:
         # Every writing transaction takes the write lock up front. A deferred
         # transaction that reads and then writes can fail with SQLITE_BUSY at the
         # upgrade, which the busy timeout does not cover; IMMEDIATE waits its turn
@@ -78,10 +80,11 @@ def _tune_sqlite(engine: Engine, settings: SqliteSettings) -> None:
         # reads are one statement each. A BEGIN and its ROLLBACK cost more than
         # most of those reads (two more round trips through SQLAlchemy).
         if not conn.get_execution_options().get("readonly", False):
-            # On the driver's connection: through exec_driver_sql this BEGIN went
-            # through SQLAlchemy's execution path (an empty write transaction took
-            # 136 us here, now 99; a hand-out pass of one request is ~400).
+            # On the driver's connection: exec_driver_sql would take this BEGIN
+            # through SQLAlchemy's whole execution path, a good part of a small
+            # hand-out's cost.
             driver = conn.connection.driver_connection
+            assert driver is not None, "a begun connection has its driver's"
             # At once: fail if another process holds the lock, instead of sleeping
             # in the busy handler; the transaction itself then never waits.
             at_once = conn.get_execution_options().get("at_once", False)
@@ -101,7 +104,7 @@ def is_busy(error: DBAPIError) -> bool:
 
 
 @contextmanager
-def driver_errors(dialect: Dialect, statement: str, params: object = ()) -> Iterator[None]:
+def driver_errors(dialect: Dialect, statement: str, params: Any = ()) -> Iterator[None]:
     """Re-raise the driver's errors in work done on its connection directly as
     SQLAlchemy would raise them: callers (the API's 503) know those."""
     base = dialect.loaded_dbapi.Error
@@ -111,23 +114,32 @@ def driver_errors(dialect: Dialect, statement: str, params: object = ()) -> Iter
         raise DBAPIError.instance(statement, params, exc, base, dialect=dialect) from exc
 
 
-def _alembic_config(connection) -> AlembicConfig:  # type: ignore[no-untyped-def]
+def alembic_config(connection: Connection) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
     return cfg
 
 
+def current_revision(conn: Connection) -> str | None:
+    """The schema revision Alembic last recorded in this database (None: none yet)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return str(found) if found is not None else None
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest migration (a no-op when it is there already)."""
     with engine.connect() as conn:
-        cfg = _alembic_config(conn)
-        head = ScriptDirectory.from_config(cfg).get_current_head()
-        current = MigrationContext.configure(conn).get_current_revision()
-        if current == head:
+        if current_revision(conn) == HEAD:
             return
+    from alembic import command
+
     with engine.begin() as conn:
-        command.upgrade(_alembic_config(conn), "head")
+        command.upgrade(alembic_config(conn), "head")
 
 
 class Checkpointer:

@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import Connection, Update, bindparam, delete, func, insert, select, update
 
 from freshpool.core import states
+from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState
-from freshpool.store.base import NotFound, StaleState, StoreBase, cas_statement
+from freshpool.store.base import StoreBase, cas_statement
 from freshpool.store.schema import node_events, nodes
 
 
@@ -123,10 +124,7 @@ class NodeQueries(StoreBase):
 
     def node(self, node_id: int) -> NodeRow:
         with self._read() as conn:
-            row = conn.execute(select(nodes).where(nodes.c.id == node_id)).first()
-        if row is None:
-            raise NotFound(f"no node {node_id}")
-        return NodeRow(**row._mapping)
+            return node_in(conn, node_id)
 
     def nodes(
         self,
@@ -368,23 +366,27 @@ def _stale(conn: Connection, node_id: int, expected: NodeState) -> StaleState:
     return StaleState(f"node {node_id} is {current or 'gone'}, not {expected}")
 
 
-def _transition(
+def transition_in(
     conn: Connection,
     node_id: int,
     expect: NodeState,
     to: NodeState,
     reason: str,
-    values: dict[str, Any],
+    values: dict[str, Any] | None = None,
 ) -> NodeRow:
     """One move inside the caller's transaction; raises StaleState if the node moved."""
     states.check_node(expect, to)
     now = time.time()
-    result = _compare_and_set(conn, Move(node_id, expect, to, reason, values), now)
+    result = _compare_and_set(conn, Move(node_id, expect, to, reason, values or {}), now)
     if isinstance(result, StaleState):
         raise result
     _event(conn, node_id, expect, to, reason, now)
     return result
 
 
-def _node(conn: Connection, node_id: int) -> NodeRow:
-    return NodeRow(**conn.execute(select(nodes).where(nodes.c.id == node_id)).one()._mapping)
+def node_in(conn: Connection, node_id: int) -> NodeRow:
+    """A node's row, read inside the caller's transaction."""
+    row = conn.execute(select(nodes).where(nodes.c.id == node_id)).first()
+    if row is None:
+        raise NotFound(f"no node {node_id}")
+    return NodeRow(**row._mapping)

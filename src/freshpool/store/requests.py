@@ -1,17 +1,24 @@
-"""Request rows, and the hand-out: one transaction moves ready nodes to a request."""
+"""Request rows and what happens to a request's node set: the pending queue, listings,
+finishing, cancelling, releasing the set, and the one job a node runs."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, Select, and_, exists, func, insert, or_, select, update
 
 from freshpool.core import states
-from freshpool.core.states import RequestState
-from freshpool.store.base import NotFound, StaleState, StoreBase, compare_and_set
-from freshpool.store.schema import requests
+from freshpool.core.errors import NotFound, StaleState
+from freshpool.core.states import NodeState, RequestState
+from freshpool.store.base import StoreBase, compare_and_set
+from freshpool.store.nodes import NodeRow, node_in, transition_in
+from freshpool.store.schema import node_events, nodes, requests
+
+# The one event that is not a state change: the job on an in-use node started.
+JOB_STARTED = "job started"
 
 
 @dataclass(frozen=True)
@@ -30,13 +37,22 @@ class RequestRow:
     fulfilled_at: float | None = None
 
 
+# Pending requests, oldest first: the queue every scheduler pass reads.
+PENDING = (
+    select(requests)
+    .where(requests.c.state == RequestState.PENDING)
+    .order_by(requests.c.created_at, requests.c.id)
+)
+
+
 class RequestQueries(StoreBase):
     def request(self, request_id: int) -> RequestRow:
         with self._read() as conn:
-            row = conn.execute(select(requests).where(requests.c.id == request_id)).first()
-        if row is None:
-            raise NotFound(f"no request {request_id}")
-        return RequestRow(**row._mapping)
+            return _request(conn, request_id)
+
+    def pending_requests(self) -> list[RequestRow]:
+        with self._read() as conn:
+            return [RequestRow(**row._mapping) for row in conn.execute(PENDING)]
 
     def pending_demand(self) -> Counter[str]:
         """How many nodes of each label pending requests still wait for."""
@@ -46,6 +62,41 @@ class RequestQueries(StoreBase):
             for (labels,) in conn.execute(query):
                 demand.update(labels)
         return demand
+
+    def pending_by_tenant(self) -> Counter[str]:
+        query = (
+            select(requests.c.tenant, func.count())
+            .where(requests.c.state == RequestState.PENDING)
+            .group_by(requests.c.tenant)
+        )
+        with self._read() as conn:
+            return Counter({tenant: n for tenant, n in conn.execute(query)})
+
+    def list_requests(
+        self,
+        states_in: Sequence[str] | None = None,
+        tenant: str | None = None,
+        limit: int = 100,
+    ) -> list[RequestRow]:
+        """Newest first."""
+        query = select(requests).order_by(requests.c.id.desc()).limit(limit)
+        if states_in is not None:
+            query = query.where(requests.c.state.in_([str(s) for s in states_in]))
+        if tenant is not None:
+            query = query.where(requests.c.tenant == tenant)
+        with self._read() as conn:
+            return [RequestRow(**row._mapping) for row in conn.execute(query)]
+
+    def request_nodes(self, request_ids: Sequence[int]) -> dict[int, list[NodeRow]]:
+        """The nodes still in the store that were handed to each request."""
+        found: dict[int, list[NodeRow]] = {i: [] for i in request_ids}
+        if not request_ids:
+            return found
+        query = select(nodes).where(nodes.c.request_id.in_(list(request_ids))).order_by(nodes.c.id)
+        with self._read() as conn:
+            for row in conn.execute(query):
+                found[row.request_id].append(NodeRow(**row._mapping))
+        return found
 
     def overdue_requests(self, now: float, max_wait: float | None = None) -> list[RequestRow]:
         """Pending requests past their deadline, or waiting longer than `max_wait`."""
@@ -59,13 +110,122 @@ class RequestQueries(StoreBase):
             return [RequestRow(**row._mapping) for row in conn.execute(query)]
 
     def finish_request(self, request_id: int, to: RequestState, reason: str) -> RequestRow:
+        """A pending request fails (or is cancelled) without nodes."""
         states.check_request(RequestState.PENDING, to)
-        now = time.time()
+        values = {"state": to, "reason": reason, "state_at": time.time()}
         with self._write() as conn:
-            values = {"state": to, "reason": reason, "state_at": now}
             if not compare_and_set(conn, requests, request_id, RequestState.PENDING, values):
                 raise StaleState(f"request {request_id} is no longer pending")
             return _request(conn, request_id)
+
+    def cancel_request(self, request_id: int, reason: str) -> tuple[RequestRow, list[NodeRow]]:
+        """Cancel a request; nodes already handed to it go straight to deleting, in one go.
+
+        Returns the request and the nodes sent to deletion. Cancelling a cancelled
+        request changes nothing; a failed one cannot be cancelled.
+        """
+        now = time.time()
+        with self._write() as conn:
+            request = _request(conn, request_id)
+            if request.state == RequestState.CANCELLED:
+                return request, []
+            states.check_request(request.state, RequestState.CANCELLED)
+            values = {"state": RequestState.CANCELLED, "reason": reason, "state_at": now}
+            if not compare_and_set(conn, requests, request_id, request.state, values):
+                raise StaleState(f"request {request_id} changed; try again")
+            deleted = [
+                transition_in(conn, node_id, NodeState.IN_USE, NodeState.DELETING, reason)
+                for node_id in _in_use_of(conn, request_id)
+            ]
+            return _request(conn, request_id), deleted
+
+    def release_set(self, node_id: int, reason: str) -> list[NodeRow]:
+        """The job is done: this node and every other in-use node of its request become used.
+
+        One transaction, so a node set is never half released. This is how every
+        client gives nodes back (the API, the CLI, the tests).
+        """
+        with self._write() as conn:
+            node = node_in(conn, node_id)
+            if node.state != NodeState.IN_USE or node.request_id is None:
+                # A held node, or one handed out some other way: only itself.
+                states.check_node(node.state, NodeState.USED)
+                return [transition_in(conn, node_id, NodeState(node.state), NodeState.USED, reason)]
+            return [
+                transition_in(conn, other, NodeState.IN_USE, NodeState.USED, reason)
+                for other in _in_use_of(conn, node.request_id)
+            ]
+
+    def release_request(self, request_id: int, reason: str) -> list[NodeRow]:
+        """Every in-use node of a request becomes used, in one transaction."""
+        with self._write() as conn:
+            request = _request(conn, request_id)
+            ids = _in_use_of(conn, request_id)
+            if not ids:
+                raise StaleState(f"request {request_id} ({request.state}) has no node in use")
+            return [
+                transition_in(conn, node_id, NodeState.IN_USE, NodeState.USED, reason)
+                for node_id in ids
+            ]
+
+    def start_job(self, node_id: int, detail: str = "") -> NodeRow:
+        """Record that the job on an in-use node started; a node runs one job only.
+
+        The node stays `in-use` (it entered that state when it was handed out); the
+        start is an in-use -> in-use event in its history, which `job_started_at` reads.
+        """
+        reason = f"{JOB_STARTED}: {detail}" if detail else JOB_STARTED
+        with self._write() as conn:
+            node = node_in(conn, node_id)
+            if node.state != NodeState.IN_USE:
+                raise StaleState(f"node {node_id} is {node.state}, not in-use")
+            changed = conn.execute(
+                update(nodes)
+                .where(
+                    nodes.c.id == node_id,
+                    nodes.c.state == NodeState.IN_USE,
+                    ~exists(_job_start_of(node_id)),
+                )
+                .values(reason=reason)
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"node {node_id} already ran a job; a node is used once")
+            conn.execute(
+                insert(node_events).values(
+                    node_id=node_id,
+                    at=time.time(),
+                    from_state=NodeState.IN_USE,
+                    to_state=NodeState.IN_USE,
+                    reason=reason,
+                )
+            )
+            return node_in(conn, node_id)
+
+    def job_started_at(self, node_id: int) -> float | None:
+        query = select(func.min(node_events.c.at)).where(
+            node_events.c.id.in_(_job_start_of(node_id))
+        )
+        with self._read() as conn:
+            found: float | None = conn.scalar(query)
+            return found
+
+
+def _job_start_of(node_id: int) -> Select[tuple[int]]:
+    """The in-use -> in-use events of a node: its job's start."""
+    return select(node_events.c.id).where(
+        node_events.c.node_id == node_id,
+        node_events.c.from_state == NodeState.IN_USE,
+        node_events.c.to_state == NodeState.IN_USE,
+    )
+
+
+def _in_use_of(conn: Connection, request_id: int) -> list[int]:
+    query = (
+        select(nodes.c.id)
+        .where(nodes.c.request_id == request_id, nodes.c.state == NodeState.IN_USE)
+        .order_by(nodes.c.id)
+    )
+    return list(conn.scalars(query))
 
 
 def _request(conn: Connection, request_id: int) -> RequestRow:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select, update
 
-from freshpool.store.base import NotFound, StoreBase
+from freshpool.core.errors import NotFound
+from freshpool.store.base import StoreBase
 from freshpool.store.schema import tokens
 
 
@@ -25,11 +26,13 @@ class TokenRow:
 class TokenQueries(StoreBase):
     def new_token(self, tenant: str, digest: str, description: str = "") -> TokenRow:
         with self._write() as conn:
-            token_id = conn.execute(
+            key = conn.execute(
                 insert(tokens).values(
                     tenant=tenant, digest=digest, description=description, created_at=time.time()
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            assert key is not None
+            token_id = key[0]
             return _token(conn, token_id)
 
     def token_by_digest(self, digest: str) -> TokenRow | None:

@@ -10,8 +10,9 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select
 
 from freshpool.core import states
+from freshpool.core.errors import StaleState
 from freshpool.core.states import UploadState
-from freshpool.store.base import StaleState, StoreBase, compare_and_set
+from freshpool.store.base import StoreBase, compare_and_set
 from freshpool.store.schema import uploads
 
 
@@ -31,7 +32,7 @@ class UploadQueries(StoreBase):
     def new_upload(self, build_id: str, provider: str) -> UploadRow:
         now = time.time()
         with self._write() as conn:
-            upload_id = conn.execute(
+            key = conn.execute(
                 insert(uploads).values(
                     build_id=build_id,
                     provider=provider,
@@ -39,7 +40,9 @@ class UploadQueries(StoreBase):
                     created_at=now,
                     state_at=now,
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            assert key is not None
+            upload_id = key[0]
             return _upload(conn, upload_id)
 
     def upload_transition(

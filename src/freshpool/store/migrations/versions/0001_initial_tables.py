@@ -17,6 +17,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    _image_builds_and_meta()
+    _node_tables()
+    _requests()
+
+
+def _image_builds_and_meta() -> None:
     op.create_table(
         "image_builds",
         sa.Column("id", sa.String(length=128), nullable=False),
@@ -38,6 +44,9 @@ def upgrade() -> None:
         sa.Column("value", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
+
+
+def _node_tables() -> None:
     op.create_table(
         "node_events",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -75,6 +84,8 @@ def upgrade() -> None:
         batch_op.create_index("ix_nodes_request", ["request_id"], unique=False)
         batch_op.create_index("ix_nodes_state_label", ["state", "label", "provider"], unique=False)
 
+
+def _requests() -> None:
     op.create_table(
         "requests",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),

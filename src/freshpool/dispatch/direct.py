@@ -1,0 +1,125 @@
+"""Taking a node set straight on the store, for a CLI on the pool's host.
+
+With `freshpool serve` running, the request only joins the queue: serve's scheduler
+serves it in its turn (priority and fair share hold for everyone), and this waits
+for the store to say so. With no `serve`, nobody else hands out, so each look here
+runs a pass with the same planner the scheduler uses, over the whole queue.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from collections.abc import Sequence
+
+from freshpool import crashpoints, launcherlock
+from freshpool.config import Config
+from freshpool.core.errors import AcquireTimeout, BadInput, NothingToServe, StaleState
+from freshpool.core.nodesets import check
+from freshpool.core.placement import Clocks
+from freshpool.core.states import RequestState
+from freshpool.dispatch.scheduler import Planning
+from freshpool.store import HandOut, NewRequest, NodeRow, RequestRow, Store, queue_only
+
+# Between two looks at the request, at most (a change in the store ends the wait).
+LOOK_EVERY = 0.5
+
+
+def requestor() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
+
+
+def acquire(
+    config: Config,
+    store: Store,
+    labels: Sequence[str],
+    timeout: float,
+    who: str | None = None,
+    priority: int = 0,
+) -> list[NodeRow]:
+    """Wait up to `timeout` seconds for one ready node per label, all from one provider."""
+    _check(config, store, labels)
+    deadline = time.time() + timeout
+    new = NewRequest(tuple(labels), who or requestor(), priority=priority, deadline=deadline)
+    planning = Planning(config)
+    watcher = store.change_watcher()
+    try:
+        done = _pass(config, store, planning, [new])
+        request = done.created[0]
+        got = done.nodes_of(request.id)
+        while not got:
+            if time.time() >= deadline:
+                _give_up(store, request, timeout)
+            else:
+                # Wait for another process to commit something (a node turning ready),
+                # checking a cheap change counter instead of re-running the pass.
+                wake = min(deadline, time.time() + LOOK_EVERY)
+                while time.time() < wake and not watcher.changed():
+                    time.sleep(0.01)
+            got = _look(config, store, planning, request.id, labels, timeout)
+        crashpoints.point("handoff")
+        return got
+    finally:
+        watcher.close()
+
+
+def _check(config: Config, store: Store, labels: Sequence[str]) -> None:
+    problems = check(labels, [x.name for x in config.labels], config.providers)
+    if problems:
+        raise BadInput("; ".join(p.message for p in problems))
+    for name in set(labels):
+        label = config.label(name)
+        if store.serving_build(label.image) is None:
+            raise NothingToServe(
+                f"label {name!r} uses image {label.image!r}, which has no ready build;"
+                f" run `freshpool image build {label.image}` (or start `freshpool serve`,"
+                " which builds missing images)"
+            )
+
+
+def _pass(config: Config, store: Store, planning: Planning, new: list[NewRequest]) -> HandOut:
+    if launcherlock.serve_runs(config.state_dir):
+        return store.hand_out(new, queue_only, [])
+    return store.hand_out(new, planning.planner(Clocks()), planning.providers)
+
+
+def _look(
+    config: Config,
+    store: Store,
+    planning: Planning,
+    request_id: int,
+    labels: Sequence[str],
+    timeout: float,
+) -> list[NodeRow]:
+    """Our nodes if the request is fulfilled now (by a pass here or elsewhere)."""
+    request = store.request(request_id)
+    if request.state == RequestState.PENDING:
+        done = _pass(config, store, planning, [])
+        if request_id in done.fulfilled:
+            return done.nodes_of(request_id)
+        request = store.request(request_id)
+    if request.state == RequestState.FULFILLED:
+        return store.request_nodes([request_id])[request_id]
+    if request.state != RequestState.PENDING:
+        raise AcquireTimeout(_why_not(request, labels, timeout))
+    return []
+
+
+def _give_up(store: Store, request: RequestRow, timeout: float) -> None:
+    try:
+        failed = store.finish_request(
+            request.id, RequestState.FAILED, f"no ready node within {timeout:g} s"
+        )
+    except StaleState:
+        return  # settled meanwhile (served by `serve`?): the next look tells
+    raise AcquireTimeout(_why_not(failed, failed.labels, timeout))
+
+
+def _why_not(request: RequestRow, labels: Sequence[str], timeout: float) -> str:
+    reason = f" ({request.reason})" if request.reason else ""
+    return (
+        f"no ready {', '.join(labels)} node within {timeout:g} s{reason};"
+        " the pool may be exhausted or still filling (see `freshpool list`)"
+    )

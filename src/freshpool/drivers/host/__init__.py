@@ -1,0 +1,1 @@
+"""What the drivers whose nodes run on this host (local, qemu) share."""

@@ -1,0 +1,149 @@
+"""What to launch where: each label's missing nodes (min-ready plus waiting requests)
+spread over the providers that serve it, within their limits and rate, with a pause
+for a provider and label whose launches keep failing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from freshpool.config import Label, Provider
+from freshpool.core.backoff import DRIVER
+from freshpool.core.states import NODE_SUPPLY_STATES, BuildState
+from freshpool.launcher.context import Shared
+from freshpool.store import ServingBuild
+
+log = logging.getLogger("freshpool.launcher")
+
+
+@dataclass(frozen=True)
+class Launch:
+    provider: Provider
+    label: Label
+    serving: ServingBuild
+    count: int
+
+
+class LaunchFailures:
+    """Consecutive launch failures per (provider, label), and when launching may resume:
+    a broken image must not turn into a tight create-fail-delete loop."""
+
+    def __init__(self) -> None:
+        self._failures: Counter[tuple[str, str]] = Counter()
+        self._paused_until: dict[tuple[str, str], float] = {}
+
+    def paused(self, provider: str, label: str) -> bool:
+        return self._paused_until.get((provider, label), 0.0) > time.monotonic()
+
+    def outcome(self, provider: str, label: str, ok: bool) -> None:
+        key = (provider, label)
+        if ok:
+            self._failures.pop(key, None)
+            self._paused_until.pop(key, None)
+            return
+        self._failures[key] += 1
+        delay = DRIVER.delay(self._failures[key] - 1)
+        self._paused_until[key] = time.monotonic() + delay
+        log.warning(
+            "provider %s label %s: %d launch failures in a row; next launch in %.0f s",
+            provider,
+            label,
+            self._failures[key],
+            delay,
+        )
+
+
+def plan_launches(shared: Shared, failures: LaunchFailures) -> tuple[list[Launch], set[str]]:
+    """The launches to start now (their calls already taken from the rate limit), and
+    the providers whose rate left demand unmet."""
+    counts = shared.store.node_counts()
+    demand = shared.store.pending_demand()
+    used: Counter[str] = Counter()
+    supply: Counter[str] = Counter()
+    for (provider_name, label_name, state), n in counts.items():
+        used[provider_name] += n
+        if state in NODE_SUPPLY_STATES:
+            supply[label_name] += n
+    launches: list[Launch] = []
+    throttled: set[str] = set()
+    for label in shared.config.labels:
+        missing = label.min_ready + demand.get(label.name, 0) - supply[label.name]
+        if missing <= 0:
+            continue
+        if shared.store.serving_build(label.image) is None:
+            _no_build(shared, label)
+            continue
+        for provider in _by_room(shared, label, used):
+            if missing <= 0:
+                break
+            if failures.paused(provider.name, label.name):
+                continue
+            launch = _launch_on(shared, provider, label, missing, used[provider.name], throttled)
+            if launch is not None:
+                launches.append(launch)
+                used[provider.name] += launch.count
+                missing -= launch.count
+    return launches, throttled
+
+
+def _launch_on(
+    shared: Shared,
+    provider: Provider,
+    label: Label,
+    missing: int,
+    used: int,
+    throttled: set[str],
+) -> Launch | None:
+    driver = shared.drivers[provider.name]
+    room = min(
+        # The driver's own limit (host RAM for VMs, addresses...) may be lower.
+        driver.limits().max_nodes - used,
+        provider.max_parallel_launches - shared.work.launches_on(provider.name),
+        missing,
+    )
+    if room <= 0:
+        return None
+    gate = shared.gates[provider.name]
+    if gate.next_token_in() > 0:
+        # Asked before the build: most passes find most providers at their rate.
+        throttled.add(provider.name)
+        return None
+    # Only a build whose upload to this provider is ready (the image keeper's work).
+    serving = shared.store.serving_on(label.image, provider.name, driver.runs_layers_in_place)
+    if serving is None:
+        return None
+    allowed = 0
+    while allowed < room and gate.take():
+        allowed += 1
+    if allowed < room:
+        throttled.add(provider.name)
+    return Launch(provider, label, serving, allowed) if allowed else None
+
+
+def _by_room(shared: Shared, label: Label, used: Counter[str]) -> list[Provider]:
+    """The label's providers, most room first; one whose breaker is open gets none
+    (its demand goes elsewhere)."""
+    mine = [
+        p
+        for p in shared.config.providers_for(label.name)
+        if p.name in shared.drivers and not shared.gates[p.name].is_open()
+    ]
+    return sorted(mine, key=lambda p: used[p.name] - p.max_nodes)
+
+
+def _no_build(shared: Shared, label: Label) -> None:
+    building = [b.id for b in shared.store.builds(label.image) if b.state == BuildState.BUILDING]
+    if building:
+        message = (
+            f"label {label.name}: waiting for image {label.image!r}"
+            f" (build {building[0]} in progress)"
+        )
+    else:
+        message = (
+            f"label {label.name}: image {label.image!r} has no ready build yet"
+            " (`serve` builds it unless started with --no-build; or run"
+            f" `freshpool image build {label.image}`)"
+        )
+    shared.warn_once(f"image:{label.image}:{bool(building)}", message)

@@ -1,0 +1,128 @@
+"""The leak controller: on start, reconciles the store with what the providers run;
+then every cleanup-interval, deletes leaked instances and replaces vanished nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from freshpool import metrics
+from freshpool.core.errors import StaleState
+from freshpool.core.states import NodeState
+from freshpool.drivers.base import Operation
+from freshpool.launcher.context import Shared
+from freshpool.launcher.sweep import LeakSweeper
+
+log = logging.getLogger("freshpool.launcher")
+N = NodeState
+
+
+class LeakController:
+    name = "leaks"
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.sweeper = LeakSweeper()
+        self.found = 0
+        self._next_sweep = 0.0
+        # Deletes of instances that have no row, by (provider, external id).
+        self._strays: dict[tuple[str, str], Operation[None]] = {}
+
+    def start(self) -> None:
+        """After a start: adopt known live nodes, fail cut-off launches, delete strays."""
+        store = self.shared.store
+        for name, driver in self.shared.drivers.items():
+            instances = {i.tags.node_id: i for i in driver.list_instances() if i.tags}
+            rows = {row.id: row for row in store.nodes(provider=name)}
+            for row in rows.values():
+                instance = instances.get(row.id)
+                if row.state in (N.BUILDING, N.TESTING):
+                    self.shared.fail(
+                        row.id, N(row.state), f"launcher restarted while the node was {row.state}"
+                    )
+                elif row.state in (N.READY, N.IN_USE, N.HOLD):
+                    if instance is None or not instance.alive:
+                        why = "instance vanished while the launcher was down"
+                        self.shared.fail(row.id, N(row.state), why)
+                    else:
+                        log.info("node %s: adopted (%s)", row.id, row.state)
+            for node_id, instance in instances.items():
+                if node_id not in rows:
+                    log.warning(
+                        "provider %s: stray instance %s (node %s has no row): deleting",
+                        name,
+                        instance.external_id,
+                        node_id,
+                    )
+                    self._delete_stray(name, instance.external_id)
+
+    def tick(self) -> None:
+        self._advance()
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.shared.config.cleanup_interval
+            self.sweep()
+
+    def due(self) -> float:
+        ops = self._strays.values()
+        return min([self._next_sweep, *(op.not_before for op in ops)])
+
+    def stop(self, deadline: float) -> None:
+        while self._strays and time.monotonic() < deadline:
+            self._advance()
+            time.sleep(0.01)
+
+    @property
+    def deleting(self) -> int:
+        """Stray instances whose delete is still in flight."""
+        return len(self._strays)
+
+    def sweep(self) -> None:
+        """Delete leaked instances, replace vanished nodes, confirm gone deletes."""
+        busy = self.shared.work.busy()
+        for name, driver in self.shared.drivers.items():
+            try:
+                instances = driver.list_instances()
+            except Exception as exc:  # one provider's failure must not stop the others
+                log.warning("provider %s: listing instances failed: %s", name, exc)
+                self.shared.gates[name].failure(f"list: {exc}")
+                continue
+            rows = self.shared.store.nodes(provider=name)
+            result = self.sweeper.sweep(name, instances, rows, busy)
+            for instance in result.leaked:
+                if (name, instance.external_id) in self._strays:
+                    continue
+                log.warning(
+                    "provider %s: leaked instance %s (no node row, seen twice): deleting",
+                    name,
+                    instance.external_id,
+                )
+                self.found += 1
+                metrics.leaked()
+                self._delete_stray(name, instance.external_id)
+            for row in result.vanished:
+                self.shared.fail(row.id, N(row.state), "instance vanished at the provider")
+            for row in result.gone:
+                with contextlib.suppress(StaleState):
+                    self.shared.store.remove_node(
+                        row.id, "instance no longer listed by the provider"
+                    )
+
+    def _delete_stray(self, provider: str, external_id: str) -> None:
+        op = self.shared.drivers[provider].delete(external_id)
+        op.advance()
+        self._strays[(provider, external_id)] = op
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        for (provider, external_id), op in list(self._strays.items()):
+            if now >= op.not_before:
+                op.advance()
+            if not op.done:
+                continue
+            del self._strays[(provider, external_id)]
+            if op.error:
+                log.warning("stray %s on %s: delete failed: %s", external_id, provider, op.error)
+            else:
+                log.info("stray %s on %s: deleted", external_id, provider)

@@ -1,0 +1,98 @@
+"""Upkeep of the nodes that exist: every state's timeout enforced, ready nodes
+health-checked now and then, requests failed at their deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from freshpool.core import timeouts
+from freshpool.core.errors import StaleState
+from freshpool.core.states import NodeState, RequestState
+from freshpool.drivers.base import SshAccess
+from freshpool.launcher.context import Shared
+from freshpool.launcher.work import Kind, Work
+
+log = logging.getLogger("freshpool.launcher")
+N = NodeState
+# Told (provider, label, ok) when a launch is given up on.
+LaunchOutcome = Callable[[str, str, bool], None]
+
+
+class UpkeepController:
+    name = "upkeep"
+
+    def __init__(self, shared: Shared, failed_launch: LaunchOutcome | None = None) -> None:
+        self.shared = shared
+        self.failed_launch = failed_launch
+        config = shared.config
+        # Only rows older than the shortest limit anywhere can be overdue.
+        self._shortest = timeouts.shortest(list(config.labels), list(config.providers))
+        # Timeouts and health checks need second-scale precision, not every pass.
+        self._next = 0.0
+
+    def start(self) -> None:
+        return None
+
+    def due(self) -> float:
+        return self._next
+
+    def stop(self, deadline: float) -> None:
+        return None
+
+    def tick(self) -> None:
+        self._expire_requests()
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.shared.config.interval
+        self._enforce_timeouts()
+        self._health_checks()
+
+    def _expire_requests(self) -> None:
+        store = self.shared.store
+        for request in store.overdue_requests(time.time(), self.shared.config.request_timeout):
+            with contextlib.suppress(StaleState):
+                store.finish_request(
+                    request.id, RequestState.FAILED, "deadline passed before nodes were ready"
+                )
+
+    def _enforce_timeouts(self) -> None:
+        """Move on every node that stayed too long in its state (core/timeouts.py)."""
+        now = time.time()
+        store, work = self.shared.store, self.shared.work
+        for row in store.in_state_since_before(timeouts.TIMED_STATES, now - self._shortest):
+            provider = self.shared.providers.get(row.provider)
+            label = self.shared.labels.get(row.label)
+            if provider is None or label is None:
+                continue
+            due = timeouts.overdue(N(row.state), now - row.state_at, label, provider)
+            if due is None:
+                continue
+            # Give up on an operation that never finished; the delete cleans up after it.
+            given_up = work.pop(row.id)
+            launching = given_up is not None and given_up.kind in (Kind.CREATE, Kind.TEST)
+            if launching and given_up is not None and self.failed_launch is not None:
+                self.failed_launch(given_up.provider, given_up.label, False)
+            with contextlib.suppress(StaleState):
+                store.transition(row.id, N(row.state), due.target, due.reason)
+                log.warning("node %s: %s", row.id, due.reason)
+
+    def _health_checks(self) -> None:
+        """Re-test ready nodes now and then; a failing one is replaced before a job gets it."""
+        now = time.time()
+        for label in self.shared.config.labels:
+            if label.health_interval <= 0:
+                continue
+            for row in self.shared.store.due_for_check(label.name, now - label.health_interval):
+                driver = self.shared.drivers.get(row.provider)
+                if row.id in self.shared.work or driver is None or row.external_id is None:
+                    continue
+                access = SshAccess(**row.access) if row.access else None
+                check = driver.run_command(
+                    row.external_id, access, label.ready_command, label.test_timeout
+                )
+                check.advance()
+                self.shared.work.add(Work(row.id, row.provider, row.label, Kind.CHECK, check))

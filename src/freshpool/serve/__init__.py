@@ -1,0 +1,96 @@
+"""`freshpool serve`'s processes, and the one map of every wake-up between them.
+
+Two processes share the store and tell each other only what it cannot:
+
+    launcher process (launcher/)              API process (serve/apiprocess.py)
+      Runner: controllers' passes               uvicorn's event loop: the API, and
+      (nodes, upkeep, leaks, images, metrics)   the Scheduler's pass task
+      ApiProcess (supervisor.py)  <-- link -->  apiprocess.main (reads the link)
+
+Why two: a hand-out is Python work (HTTP parsing, validation, the scheduler's pass)
+and so are the launcher's passes, driver calls and node tests. In one process they
+take turns at one interpreter lock, and a launcher pass lands in the hand-outs'
+latency.
+
+Every wake-up, and what it is for:
+
+  1. The store's change counter (store/changes.py). Any process's commit moves it.
+     - The Runner polls it while it sleeps: a release, a new request or a CLI's
+       change starts a launcher pass within milliseconds.
+     - A CLI's direct acquire (dispatch/direct.py) polls it while it waits.
+     - The API's ChangeFeed (api/changes.py) polls it for the dashboard's
+       long-poll of /status.
+  2. The link (serve/link.py), messages of one word:
+     - launcher -> API  b"pass": a launcher pass ended; nodes may be ready. The
+       Scheduler passes (and from the first one on, it hands out).
+     - API -> launcher  b"up" once, or b"failed <why>": the API process started or not.
+     - API -> launcher  b"wake": requests wait for nodes that are not ready, or
+       nodes were released or cancelled: the Runner passes now.
+  3. The Scheduler's due event (dispatch/scheduler.py), on the API's loop: a
+     handler submitted a request, or b"pass" came. One pass serves them all.
+  4. The Waiters (dispatch/waiters.py): after each scheduler pass, long-polls and
+     event streams on a request that is no longer pending are woken.
+  5. The Runner's wake (launcher/runner.py): b"wake" from the API process, and the
+     image controller's build thread when a build ends.
+
+The API process exits when its end of the link reads EOF, so it never outlives
+`serve`; the supervisor starts a new one when it dies, on the same listening
+socket, so clients' connections wait in its queue instead of being refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from freshpool.api.server import bind, url_of
+from freshpool.config import Config
+from freshpool.launcher import Runner
+from freshpool.serve.supervisor import ApiProcess, StartError
+
+URL_FILE = "api.url"
+
+
+@dataclass
+class Running:
+    api: ApiProcess
+    url: str | None
+    url_file: Path | None
+
+    def stop(self) -> None:
+        self.api.stop()
+        if self.api.listener is not None:
+            self.api.listener.close()
+        if self.url_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.url_file.unlink()
+
+
+def start(config: Config, runner: Runner, port: int | None = None) -> Running:
+    """Start the API process beside `runner` and hook it into the runner's passes.
+
+    Raises ListenError when the API cannot listen, StartError when the process does
+    not come up; nothing has started then.
+    """
+    listener = None
+    if config.api.enabled:
+        listener = bind(config.api.listen, config.api.port if port is None else port)
+    api = ApiProcess(config, listener, wake=runner.wake)
+    try:
+        api.start()
+    except StartError:
+        if listener is not None:
+            listener.close()
+        raise
+    runner.after_pass.append(api.after_pass)
+    url = url_file = None
+    if listener is not None:
+        url = url_of(listener)
+        # Where clients on this host (and tests using port 0) find the API.
+        url_file = config.state_dir / URL_FILE
+        url_file.write_text(url + "\n")
+    return Running(api, url, url_file)
+
+
+__all__ = ["Running", "StartError", "start"]
