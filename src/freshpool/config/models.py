@@ -19,10 +19,26 @@ from freshpool.core.nodesets import providers_serving
 
 
 class LocalNetwork(Model):
+    """A local provider's network policy: default deny (drivers/local/policy.py)."""
+
     subnet: str = "10.213.0.0/16"
-    # Nodes are host-only by default: no route leaves the host-only bridge.
+    # Everything off the host is open to nodes (masqueraded); default: nothing.
     outbound: bool = False
     bridge: str | None = None
+    # Host ports nodes may reach on the bridge address (a CI master's, say); no other.
+    host_ports: list[Annotated[int, Field(ge=1, le=65535)]] = []
+    # Off-host destinations nodes may reach without `outbound`: CIDRs, or host:port
+    # (names resolved when the rules are made).
+    egress: list[str] = []
+
+    @field_validator("egress")
+    @classmethod
+    def _egress(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            egress_problem = _egress_problem(entry)
+            if egress_problem:
+                raise ValueError(f"{entry!r}: {egress_problem}")
+        return entries
 
     @field_validator("subnet")
     @classmethod
@@ -31,6 +47,22 @@ class LocalNetwork(Model):
         if net.version != 4 or net.prefixlen > 28:
             raise ValueError("expected an IPv4 network of /28 or larger, like 10.213.0.0/16")
         return str(net)
+
+
+def _egress_problem(entry: str) -> str | None:
+    host, colon, port = entry.rpartition(":")
+    if not colon:
+        try:
+            if ipaddress.ip_network(entry, strict=False).version != 4:
+                return "expected an IPv4 CIDR"
+        except ValueError:
+            return "expected a CIDR like 10.1.0.0/16 or host:port like pypi.org:443"
+        return None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"port {port!r} is not a number from 1 to 65535"
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        return f"host {host!r} is not a host name or IPv4 address"
+    return None
 
 
 Rate = Annotated[float, Field(gt=0)]

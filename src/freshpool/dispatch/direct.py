@@ -82,7 +82,9 @@ def _check(config: Config, store: Store, labels: Sequence[str]) -> None:
 def _pass(config: Config, store: Store, planning: Planning, new: list[NewRequest]) -> HandOut:
     if launcherlock.serve_runs(config.state_dir):
         return store.hand_out(new, queue_only, [])
-    return store.hand_out(new, planning.planner(Clocks()), planning.providers)
+    done = store.hand_out(new, planning.planner(Clocks()), planning.providers)
+    planning.join_sets(store, done)
+    return done
 
 
 def _look(

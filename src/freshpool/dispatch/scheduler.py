@@ -35,6 +35,7 @@ from freshpool.core.errors import StaleState, WriteBusy
 from freshpool.core.nodesets import providers_serving
 from freshpool.core.placement import Clocks, FairShare, Placement, place
 from freshpool.dispatch.waiters import Waiters
+from freshpool.drivers.local.network import set_joiners
 from freshpool.store import (
     HandOut,
     NewRequest,
@@ -64,6 +65,7 @@ class Planning:
         self.fair = FairShare({t.name: t.weight for t in config.tenants})
         self.providers = [p.name for p in config.providers]
         self._config = config
+        self._joiners = set_joiners(config.providers)
 
     @functools.cache  # noqa: B019 - one Planning per config, which lives as long as it
     def providers_for(self, labels: tuple[str, ...]) -> list[str]:
@@ -75,6 +77,20 @@ class Planning:
 
     def planner(self, clocks: Clocks) -> Planned:
         return Planned(self, clocks)
+
+    def join_sets(self, store: Store, done: HandOut) -> None:
+        """Let the nodes of each node set just handed out reach each other (and no other
+        node: the network policy's default). Before the answer goes out, so a job
+        never finds its peers unreachable. A failure is logged; the launcher's leak
+        sweep puts the rules right."""
+        for request, nodes in done.fulfilled.values():
+            join = self._joiners.get(nodes[0].provider) if len(nodes) > 1 else None
+            if join is None:
+                continue
+            try:
+                join(store.cluster_id, [n.access["host"] for n in nodes if n.access])
+            except Exception:
+                log.exception("request %s: letting its nodes reach each other failed", request.id)
 
 
 @dataclass
@@ -185,6 +201,7 @@ class Scheduler:
                 continue
             busy = 0
             self.passes += 1
+            self.planning.join_sets(self.store, done)
             for (_, future), row in zip(inbox, done.created, strict=True):
                 # Done already: the client went away; its request stays stored.
                 if not future.done():

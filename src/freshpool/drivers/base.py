@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -200,6 +200,15 @@ class Driver(ABC):
     def delete_image(self, external_id: str) -> Operation[None]:
         """Remove an uploaded build from the provider. Deleting a missing one succeeds."""
         return DoneOperation()
+
+    def reconcile(self, node_sets: Callable[[], Sequence[Sequence[str]]]) -> None:
+        """Put the provider's own rules back as they should be, for leak cleanup.
+
+        `node_sets()` reads the external ids of each node set in use; a driver calls
+        it after looking at its rules, so a set handed out meanwhile is not missed.
+        Drivers whose nodes have no per-set rules keep this default.
+        """
+        return None
 
     def external_id_for(self, tags: Tags) -> str | None:
         """The id an instance with these tags has or would have, if the driver can tell."""

@@ -10,7 +10,7 @@ import time
 from freshpool import metrics
 from freshpool.core.errors import StaleState
 from freshpool.core.states import NodeState
-from freshpool.drivers.base import Operation
+from freshpool.drivers.base import Driver, Operation
 from freshpool.launcher.context import Shared
 from freshpool.launcher.sweep import LeakSweeper
 
@@ -88,6 +88,7 @@ class LeakController:
                 log.warning("provider %s: listing instances failed: %s", name, exc)
                 self.shared.gates[name].failure(f"list: {exc}")
                 continue
+            self._reconcile(name, driver)
             rows = self.shared.store.nodes(provider=name)
             result = self.sweeper.sweep(name, instances, rows, busy)
             for instance in result.leaked:
@@ -108,6 +109,21 @@ class LeakController:
                     self.shared.store.remove_node(
                         row.id, "instance no longer listed by the provider"
                     )
+
+    def _reconcile(self, name: str, driver: Driver) -> None:
+        """Repair the provider's rules; its node sets in use are the ones the store has."""
+
+        def node_sets() -> list[list[str]]:
+            sets: dict[int, list[str]] = {}
+            for row in self.shared.store.nodes(provider=name):
+                if row.state in (N.IN_USE, N.HOLD) and row.request_id and row.external_id:
+                    sets.setdefault(row.request_id, []).append(row.external_id)
+            return [members for members in sets.values() if len(members) > 1]
+
+        try:
+            driver.reconcile(node_sets)
+        except Exception as exc:  # the sweep goes on; the next one tries again
+            log.warning("provider %s: repairing its network rules failed: %s", name, exc)
 
     def _delete_stray(self, provider: str, external_id: str) -> None:
         op = self.shared.drivers[provider].delete(external_id)

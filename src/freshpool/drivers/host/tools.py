@@ -81,19 +81,20 @@ class Command:
             self.proc.stderr.close()
 
 
-def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 30.0) -> None:
-    """Run a short host tool to completion (for rare, one-off setup such as the bridge)."""
+def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 30.0) -> str:
+    """Run a short host tool to completion (for rare, one-off setup such as the bridge);
+    returns what it printed."""
     done = subprocess.run(
         list(argv),
         input=stdin.encode() if stdin is not None else None,
         stdin=None if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         timeout=timeout,
         check=False,
     )
     if done.returncode != 0:
         raise CommandFailed(argv, done.returncode, done.stderr.decode(errors="replace"))
+    return done.stdout.decode(errors="replace")
 
 
 def keygen(key: Path, role: str, external_id: str) -> Command:

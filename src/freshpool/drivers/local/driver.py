@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from freshpool.drivers.host import mounts, processes
 from freshpool.drivers.host.driver import HostNodeDriver, NodeLaunch, tail
 from freshpool.drivers.host.processes import MARK_NODE
 from freshpool.drivers.host.tools import Command, find_tool, keygen, tool
+from freshpool.drivers.local.policy import NodePolicy, set_pairs
 from freshpool.drivers.local.records import NodePaths, NodeRecord
 from freshpool.drivers.local.sandbox import HOST_KEY, NODE_PATH, SSHD, node_argv
 from freshpool.drivers.ssh import wait_for_banner
@@ -47,6 +48,7 @@ MIN_FREE_BYTES = 64 * 2**20
 REQUIRED_TOOLS = {
     "bwrap": "bubblewrap",
     "ip": "iproute2",
+    "nft": "nftables",
     "nsenter": "util-linux",
     "ssh-keygen": "openssh-client",
     "ssh": "openssh-client",
@@ -91,6 +93,7 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         self._addresses = network.AddressPool(self.network)
         self._sweeper: subprocess.Popen[bytes] | None = None
         self._bridge_ready = False
+        self._policy_now: NodePolicy | None = None
         for eid in self._node_dirs():
             record = NodeRecord.load(self._paths(eid).record)
             if record is not None and ip_address(record.ip) in self.network.subnet:
@@ -110,12 +113,9 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
             problems.append(
                 "it must run as root (it mounts overlays and creates network namespaces)"
             )
-        tools = dict(REQUIRED_TOOLS)
-        if self.network.outbound:
-            tools["iptables"] = "iptables"
         missing = [
             f"{name} (apt-get install {package})"
-            for name, package in tools.items()
+            for name, package in REQUIRED_TOOLS.items()
             if find_tool(name) is None
         ]
         if missing:
@@ -208,7 +208,7 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
             user=spec.user,
             ip=str(launch.ip),
             netns=launch.external_id,
-            veth=network.veth_name(launch.external_id),
+            veth=network.veth_name(self.network.bridge, launch.external_id),
             bridge=self.network.bridge,
             layers=[str(p) for p in spec.layers],
             created=time.time(),
@@ -229,10 +229,12 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         if not self._bridge_ready or not network.link_exists(self.network.bridge):
             # One create at a time reaches this (the loop is single-threaded and this
             # step does not yield), so the bridge is set up once.
-            network.ensure_bridge(self.network)
+            network.ensure_bridge(self.network, self._policy())
             self._bridge_ready = True
         host, inside = self.network.node_batches(
-            launch.external_id, network.veth_name(launch.external_id), launch.ip
+            launch.external_id,
+            network.veth_name(self.network.bridge, launch.external_id),
+            launch.ip,
         )
         ip = tool("ip")
         command = Command([ip, "-batch", "-"], stdin=host)
@@ -346,12 +348,18 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
             attempts += 1
             if mounts.mounts_under(paths.dir):
                 yield 0.05
-        yield from network.remove_node_network(external_id, network.veth_name(external_id))
+        yield from network.remove_node_network(
+            external_id, network.veth_name(self.network.bridge, external_id)
+        )
+        addresses = {IPv4Address(a) for a in (ip, record.ip if record else None) if a is not None}
+        if self._bridge_ready:
+            policy = self._policy(resolve=False)
+            for address in addresses:
+                policy.forget(address)
         if os.path.lexists(paths.dir):
             yield from self._trash(paths.dir, external_id)
-        for address in {ip, record.ip if record else None}:
-            if address is not None:
-                self._addresses.release(address)
+        for address in addresses:
+            self._addresses.release(address)
 
     def _sweep_trash(self) -> None:
         """Finish removals a previous launcher left half done."""
@@ -390,8 +398,12 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         for name in netns - found:
             # A namespace alone could be another local provider's node of this cluster;
             # it is ours if its veth is on our bridge.
-            if network.link_master(network.veth_name(name)) == self.network.bridge:
+            if (
+                network.link_master(network.veth_name(self.network.bridge, name))
+                == self.network.bridge
+            ):
                 found.add(name)
+
         def problems_of(eid: str, record: NodeRecord | None) -> list[str]:
             problems = []
             if record is None:
@@ -428,7 +440,37 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         }
         return Instance(record.external_id, record.tags, alive, access, details)
 
-    # ---- the bridge
+    # ---- the bridge and its policy
+
+    def _policy(self, resolve: bool = True) -> NodePolicy:
+        """The rules as the config says now (egress names resolved unless not needed)."""
+        if resolve or self._policy_now is None:
+            net = self.network if resolve else replace(self.network, egress=())
+            self._policy_now = net.policy(self.cluster)
+        return self._policy_now
+
+    def reconcile(self, node_sets: Callable[[], Sequence[Sequence[str]]]) -> None:
+        """Repair the rules, and let through exactly the pairs of the node sets in use.
+
+        The pairs are listed before the sets are read, so a set handed out meanwhile
+        is in the sets, or not yet among the pairs: never wrongly dropped.
+        """
+        if not self._bridge_ready and not network.link_exists(self.network.bridge):
+            return
+        policy = self._policy()
+        policy.apply()
+        self._bridge_ready = True
+        now = policy.pairs()
+        in_use = node_sets()
+        ips = {}
+        for eid in {e for members in in_use for e in members}:
+            record = NodeRecord.load(self._paths(eid).record)
+            if record is not None:
+                ips[eid] = IPv4Address(record.ip)
+        wanted = {
+            pair for members in in_use for pair in set_pairs([ips[e] for e in members if e in ips])
+        }
+        policy.update(add=wanted - now, remove=now - wanted)
 
     def remove_network(self, force: bool = False) -> None:
         """Delete this provider's bridge and NAT rules.
@@ -440,7 +482,7 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
                 f"bridge {self.network.bridge} still has {len(self.bridge_ports())}"
                 " node(s) attached"
             )
-        network.remove_bridge(self.network)
+        network.remove_bridge(self.network, self._policy(resolve=False))
         self._bridge_ready = False
 
     def teardown(self) -> None:

@@ -4,13 +4,14 @@ namespace joined to it by a veth pair, with an address from the provider's subne
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import os
 import re
 import subprocess
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -18,6 +19,7 @@ from freshpool.config import Provider
 from freshpool.drivers.base import CommandFailed, DriverError
 from freshpool.drivers.host import mounts
 from freshpool.drivers.host.tools import Command, find_tool, run, tool
+from freshpool.drivers.local.policy import Egress, NodePolicy, join
 
 NETNS_DIR = "/run/netns"
 # Linux interface names: at most 15 bytes, no '/', ':' or whitespace.
@@ -49,9 +51,25 @@ def node_mac(ip: IPv4Address) -> str:
     return _mac(b"\x02\x66", ip.packed)
 
 
-def veth_name(external_id: str) -> str:
+def set_joiners(providers: Iterable[Provider]) -> dict[str, Callable[[str, list[str]], None]]:
+    """For each local provider, how to let one node set reach itself: (cluster, addresses)."""
+    return {
+        p.name: functools.partial(_join, bridge_name(p)) for p in providers if p.driver == "local"
+    }
+
+
+def _join(bridge: str, cluster: str, hosts: list[str]) -> None:
+    join(cluster, bridge, [IPv4Address(h) for h in hosts])
+
+
+def port_prefix(bridge: str) -> str:
+    """What every node veth on `bridge` starts with, so the policy can match its ports."""
+    return "fv" + hashlib.sha256(bridge.encode()).hexdigest()[:4]
+
+
+def veth_name(bridge: str, external_id: str) -> str:
     """The host end of a node's veth pair, derived from the id so delete needs nothing else."""
-    return "fpv" + hashlib.sha256(external_id.encode()).hexdigest()[:12]
+    return port_prefix(bridge) + hashlib.sha256(external_id.encode()).hexdigest()[:9]
 
 
 def netns_file(name: str) -> str:
@@ -83,6 +101,8 @@ class BridgeNetwork:
     bridge: str
     subnet: IPv4Network
     outbound: bool
+    host_ports: tuple[int, ...] = ()
+    egress: tuple[str, ...] = ()
 
     @classmethod
     def for_provider(cls, provider: Provider) -> BridgeNetwork:
@@ -92,7 +112,31 @@ class BridgeNetwork:
                 f"provider {provider.name!r}: bridge name {name!r} is not a valid interface"
                 " name (at most 15 letters, digits, '.', '_' or '-')"
             )
-        return cls(name, IPv4Network(provider.network.subnet), provider.network.outbound)
+        net = provider.network
+        return cls(
+            name,
+            IPv4Network(net.subnet),
+            net.outbound,
+            tuple(sorted(set(net.host_ports))),
+            tuple(net.egress),
+        )
+
+    @property
+    def routes_out(self) -> bool:
+        """Whether nodes get a default route: anything off the host is allowed at all."""
+        return self.outbound or bool(self.egress)
+
+    def policy(self, cluster: str) -> NodePolicy:
+        """The provider's rules; egress names are resolved now."""
+        return NodePolicy(
+            cluster,
+            self.bridge,
+            port_prefix(self.bridge),
+            self.subnet,
+            self.host_ports,
+            self.outbound,
+            Egress.resolve(self.egress),
+        )
 
     @property
     def gateway(self) -> IPv4Address:
@@ -119,35 +163,9 @@ class BridgeNetwork:
             f"link set {veth} master {self.bridge} up\n"
         )
         inside = f"addr add {ip}/{self.prefix} dev eth0\nlink set lo up\nlink set eth0 up\n"
-        if self.outbound:
+        if self.routes_out:
             inside += f"route add default via {self.gateway}\n"
         return host, inside
-
-    def rules(self) -> list[tuple[str, str, list[str]]]:
-        """The iptables rules (table, chain, match) that let nodes out when outbound is on."""
-        mark = ["-m", "comment", "--comment", f"freshpool {self.bridge}"]
-        return [
-            ("nat", "POSTROUTING",
-             ["-s", str(self.subnet), "!", "-o", self.bridge, *mark, "-j", "MASQUERADE"]),
-            ("filter", "FORWARD", ["-i", self.bridge, *mark, "-j", "ACCEPT"]),
-            ("filter", "FORWARD", ["-o", self.bridge, "-m", "conntrack",
-                                   "--ctstate", "RELATED,ESTABLISHED", *mark, "-j", "ACCEPT"]),
-        ]  # fmt: skip
-
-
-def _iptables(action: str, rule: tuple[str, str, list[str]]) -> list[str]:
-    table, chain, spec = rule
-    return [tool("iptables"), "-w", "-t", table, action, chain, *spec]
-
-
-def _has_rule(rule: tuple[str, str, list[str]]) -> bool:
-    try:
-        run(_iptables("-C", rule))
-        return True
-    except CommandFailed as exc:
-        if exc.status == 1:
-            return False
-        raise
 
 
 def subnet_clash(net: BridgeNetwork) -> str | None:
@@ -174,8 +192,11 @@ def subnet_clash(net: BridgeNetwork) -> str | None:
 _bridge_lock = threading.Lock()
 
 
-def ensure_bridge(net: BridgeNetwork) -> None:
-    """Create and configure the bridge (and outbound NAT if asked); safe to repeat."""
+def ensure_bridge(net: BridgeNetwork, policy: NodePolicy) -> None:
+    """Create and configure the bridge and its policy; safe to repeat.
+
+    The policy goes in before the bridge is up, so no node is ever on an open bridge.
+    """
     with _bridge_lock:
         ip = tool("ip")
         if not link_exists(net.bridge):
@@ -188,19 +209,14 @@ def ensure_bridge(net: BridgeNetwork) -> None:
                     raise
         if not os.path.isdir(f"/sys/class/net/{net.bridge}/bridge"):
             raise DriverError(f"{net.bridge} exists and is not a bridge; set network.bridge")
+        policy.apply()
         run([ip, "-batch", "-"],
             stdin=f"addr replace {net.gateway}/{net.prefix} dev {net.bridge}\n"
                   f"link set {net.bridge} up\n")  # fmt: skip
-        if net.outbound:
-            with open("/proc/sys/net/ipv4/ip_forward", "w") as forward:
-                forward.write("1\n")
-            for rule in net.rules():
-                if not _has_rule(rule):
-                    run(_iptables("-A", rule))
 
 
-def remove_bridge(net: BridgeNetwork) -> None:
-    """Delete the bridge and our NAT rules; ip_forward is left as it is (others may need it)."""
+def remove_bridge(net: BridgeNetwork, policy: NodePolicy) -> None:
+    """Delete the bridge and its rules; ip_forward is left as it is (others may need it)."""
     with _bridge_lock:
         if link_exists(net.bridge):
             try:
@@ -208,11 +224,8 @@ def remove_bridge(net: BridgeNetwork) -> None:
             except CommandFailed:
                 if link_exists(net.bridge):
                     raise
-        if find_tool("iptables") is None:
-            return
-        for rule in net.rules():
-            while _has_rule(rule):
-                run(_iptables("-D", rule))
+        if find_tool("nft") is not None:
+            policy.remove()
 
 
 def remove_node_network(netns: str, veth: str) -> Generator[float, None, None]:
