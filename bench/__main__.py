@@ -5,6 +5,7 @@ Scenarios (all by default; real local nodes need root):
              1,000 hand-outs each
   fill-sim   time to 50 and 500 ready sim nodes at zero API latency
   fill-local time to 20, 50 and 100 ready real local nodes (SSH answering)
+  fill-limited   the same for 20 and 100 nodes, each with cpu, memory, pids and disk limits
   one-local  one real node from an image on disk to ready
   run-true   `freshpool run -- true` end to end against `freshpool serve`
   burst      200 requests at once against a 50-node warm pool (sim)
@@ -49,6 +50,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, float]]] = {
     "handoff": scenarios.handoff_in_process,
     "fill-sim": scenarios.fill_sim,
     "fill-local": scenarios.fill_local,
+    "fill-limited": scenarios.fill_limited,
     "one-local": scenarios.image_to_ready,
     "run-true": scenarios.run_true,
     "burst": scenarios.burst,
@@ -60,6 +62,7 @@ QUICK = {
     "handoff": {"hand_outs": 300},
     "fill-sim": {"sizes": (50,)},
     "fill-local": {"sizes": (20,)},
+    "fill-limited": {"sizes": (20,)},
     "one-local": {"rounds": 3},
     "run-true": {"runs": 3},
     "scale": {"sizes": (1000,)},

@@ -98,11 +98,15 @@ def sim_providers(
     )
 
 
-def local_provider(max_nodes: int, subnet: str) -> str:
+# Every limit a node can have, small enough for 100 nodes on a 24 GiB host.
+NODE_LIMITS = "{cpus: 0.5, memory: 192MiB, pids: 512, disk: 1GiB}"
+
+
+def local_provider(max_nodes: int, subnet: str, limits: str = "") -> str:
     return (
         f"  - name: local\n    driver: local\n    max-nodes: {max_nodes}\n"
         f"    max-parallel-launches: {max_nodes}\n    rate: 1000\n"
-        f"    network: {{subnet: {subnet}}}\n"
+        f"    network: {{subnet: {subnet}}}\n" + (f"    limits: {limits}\n" if limits else "")
     )
 
 

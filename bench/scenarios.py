@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import (
+    NODE_LIMITS,
     WARM_ROUNDS,
     BenchPool,
     ClosedLoop,
@@ -94,20 +95,26 @@ def fill_sim(root: Path, sizes: tuple[int, ...] = (50, 500)) -> Figures:
     return figures
 
 
-def fill_local(root: Path, sizes: tuple[int, ...] = (20, 50, 100)) -> Figures:
+def fill_local(root: Path, sizes: tuple[int, ...] = (20, 50, 100), limits: str = "") -> Figures:
+    """Time to n ready real nodes (the network policy is always on; `limits`: each
+    node's cgroup and disk limits too, figures named fill_limited_*)."""
     figures: Figures = {}
     image = test_image()
+    name = "fill_limited" if limits else "fill_local"
     for i, n in enumerate(sizes):
-        pool = BenchPool(
-            root, f"fill-local-{n}", local_provider(n, f"10.216.{20 + i}.0/24"), n, image_dir=image
-        )
+        provider = local_provider(n, f"10.216.{20 + i + (5 if limits else 0)}.0/24", limits)
+        pool = BenchPool(root, f"{name}-{n}", provider, n, image_dir=image)
         try:
-            figures[f"fill_local_{n}_s"] = round(
+            figures[f"{name}_{n}_s"] = round(
                 pool.run_until(lambda p=pool, k=n: p.ready() >= k, timeout=300), 3
             )
         finally:
             pool.destroy()
     return figures
+
+
+def fill_limited(root: Path, sizes: tuple[int, ...] = (20, 100)) -> Figures:
+    return fill_local(root, sizes, NODE_LIMITS)
 
 
 def image_to_ready(root: Path, rounds: int = 5) -> Figures:

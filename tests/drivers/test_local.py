@@ -75,6 +75,8 @@ def _purge(driver: LocalDriver) -> None:
         fresh.delete(instance.external_id).wait(60)
     left = fresh.list_instances()
     assert not left, f"left behind: {left}"
+    # The bridge goes once no node of any test is on it, and this cluster's tables with it.
+    fresh.teardown()
 
 
 @pytest.fixture
@@ -252,7 +254,7 @@ def test_nodes_are_isolated(driver: LocalDriver, image_rootfs: Path) -> None:
     assert not (image_rootfs / "root/only-in-a").exists()
     assert not Path("/tmp/only-in-a").exists()
     # The write went to A's own upper layer, nowhere else.
-    assert (driver.nodes_dir / a.external_id / "upper/root/only-in-a").exists()
+    assert (driver.nodes_dir / a.external_id / "rw/upper/root/only-in-a").exists()
 
     assert _run(a, "hostname").strip() == "node-1"
     assert _run(b, "hostname").strip() == "node-2"

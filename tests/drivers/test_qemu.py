@@ -8,6 +8,7 @@ VM boots under TCG are slow, so the default suite boots two; the round trip thro
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -54,11 +55,16 @@ pytestmark = [
 ]
 
 
+# A host service listed in network.host-ports: VMs reach it at 10.0.2.100:LISTED_PORT.
+LISTED_PORT = 47123
+
+
 def _provider(**qemu: object) -> Provider:
     return Provider.model_validate(
         {
             "name": "vms",
             "driver": "qemu",
+            "network": {"host-ports": [LISTED_PORT]},
             # Generous: TCG boots slow down a lot while other tests load both cores.
             "boot_timeout": 240.0,
             "delete_timeout": 60.0,
@@ -228,11 +234,23 @@ def test_boot_run_a_job_and_delete(driver: QemuDriver, uploaded: tuple[Path, str
     assert int(out.split()[3]) > 300_000  # kB: the label's 512 MiB, less the kernel's share
     # A job: build something on the node's own disk, as a CI step would.
     assert _run(instance, "echo 'int main(){return 0;}' > /tmp/a.c && wc -c < /tmp/a.c").strip()
-    # Host-only: the guest has no route out, not even to the host's own services.
+    # Host-only: the guest has no route out, not even to the host's own services ...
     reach = ssh.run(
         instance.access, "timeout 5 bash -c 'echo > /dev/tcp/10.0.2.2/22' && echo reached"
     )
     assert "reached" not in reach.stdout
+    # ... except a listed host port, forwarded to the host's loopback.
+    with socket.create_server(("127.0.0.1", LISTED_PORT)) as listed:
+        listed.settimeout(30)
+        reach = ssh.run(
+            instance.access,
+            f"timeout 10 bash -c 'echo hello > /dev/tcp/10.0.2.100/{LISTED_PORT}' && echo reached",
+        )
+        assert "reached" in reach.stdout, reach.stderr
+        conn, _ = listed.accept()
+        with conn:
+            assert conn.recv(16).startswith(b"hello")
+    assert instance.access.host_keys and instance.access.host_keys[0].startswith("ssh-ed25519")
 
     pids = _qemu_pids(driver.cluster, 1)
     assert pids, "no QEMU process carries the node's marks"

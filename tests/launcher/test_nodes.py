@@ -76,6 +76,20 @@ def test_used_node_is_deleted_and_replaced_never_reused(make_pool: Callable[...,
     assert ("in-use", "ready") not in history
 
 
+def test_an_out_of_memory_kill_is_in_the_nodes_history(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(min_ready=1, extra_label="    limits: {memory: 64MiB}\n")
+    launcher = pool.launcher()
+    pool.fill(launcher, 1)
+    (node,) = direct.acquire(pool.config, pool.store, ["debian"], timeout=5)
+    # The job: tail holds 200 MiB without a newline in memory, past the node's limit.
+    job = ssh.run(SshAccess(**node.access), "head -c 200M /dev/zero | tail >/dev/null")
+    assert job.returncode != 0
+    pool.store.release_set(node.id, "job finished")
+    run_until(launcher, lambda: node.id not in {n.id for n in pool.store.nodes()})
+    (deleting,) = (e for e in pool.store.events(node.id) if e.to_state == "deleting")
+    assert deleting.reason.startswith("out of memory"), deleting
+
+
 def test_failing_ready_command_never_serves(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(min_ready=1, ready_command="exit 3")
     launcher = pool.launcher()

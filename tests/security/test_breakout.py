@@ -33,13 +33,22 @@ SUBNET = "10.214.90.0/24"
 BRIDGE = "fp-test-sec"
 OUTSIDE_NS = "fp-test-sec-out"
 OUTSIDE_IP = "10.214.91.2"
+# The host's end of the link to that namespace: the address nodes are published on.
+HOST_OUTSIDE_IP = "10.214.91.1"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real nodes need root")
 
 
 def _provider(host_ports: list[int]) -> Provider:
-    network = LocalNetwork(
-        subnet=SUBNET, bridge=BRIDGE, host_ports=host_ports, egress=[f"{OUTSIDE_IP}:22"]
+    network = LocalNetwork.model_validate(
+        {
+            "subnet": SUBNET,
+            "bridge": BRIDGE,
+            "host_ports": host_ports,
+            "egress": [f"{OUTSIDE_IP}:22"],
+            "publish": HOST_OUTSIDE_IP,
+            "publish_ports": "41900-41999",
+        }
     )
     return Provider.model_validate(
         {
@@ -227,6 +236,26 @@ def test_host_attempt_fails(
     assert done.returncode != 0, f"{attempt} succeeded: {done.stdout}"
 
 
+def test_a_file_capability_grants_nothing(pool: tuple[LocalDriver, list[Instance]]) -> None:
+    _, (a, _b, _c) = pool
+    # A copy of cat given CAP_SYS_ADMIN (bit 21) as a file capability, effective; the
+    # node may set it (it keeps CAP_SETFCAP), but exec must not raise anything.
+    grant = (
+        "import os, shutil, struct\n"
+        "shutil.copy('/bin/cat', '/root/capcat')\n"
+        "os.setxattr('/root/capcat', 'security.capability',"
+        " struct.pack('<IIIII', 0x02000001, 1 << 21, 0, 0, 0))\n"
+    )
+    done = _on(a, f"python3 -c {_quote(grant)} && /root/capcat /proc/self/status")
+    assert done.returncode == 0, done.stderr
+    status = dict(line.split(":\t", 1) for line in done.stdout.splitlines() if ":\t" in line)
+    for kind in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
+        assert not int(status[kind], 16) & (1 << 21), (kind, status[kind])
+    # What makes a file capability inert: exec cannot raise privileges at all. (The
+    # bounding set stays the host's: bubblewrap running as root does not narrow it.)
+    assert status["NoNewPrivs"].strip() == "1"
+
+
 def test_cannot_read_the_hosts_state(pool: tuple[LocalDriver, list[Instance]]) -> None:
     driver, (a, _b, _c) = pool
     # The pool's own state dir (keys, records) is there on the host ...
@@ -252,7 +281,7 @@ def outside() -> Iterator[str]:
     batch = (
         f"netns add {OUTSIDE_NS}\n"
         f"link add {host_end} type veth peer name eth0 netns {OUTSIDE_NS}\n"
-        f"addr add 10.214.91.1/24 dev {host_end}\n"
+        f"addr add {HOST_OUTSIDE_IP}/24 dev {host_end}\n"
         f"link set {host_end} up\n"
     )
     subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
@@ -284,6 +313,53 @@ def _host_addresses() -> list[str]:
         if fields[1] != BRIDGE and not address.startswith("127."):
             found.append(address)
     return found
+
+
+def _banner_from_outside(host: str, port: int) -> str:
+    """What a client on another machine (the outside namespace) reads at host:port."""
+    probe = (
+        "import socket\n"
+        "try:\n"
+        f"    s = socket.create_connection(({host!r}, {port}), timeout=3)\n"
+        "    print(s.recv(64).decode(errors='replace'))\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc)\n"
+    )
+    return subprocess.run(
+        ["ip", "netns", "exec", OUTSIDE_NS, "python3", "-c", probe],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+
+
+def test_a_published_node_is_reached_from_another_machine(
+    pool: tuple[LocalDriver, list[Instance]],
+) -> None:
+    _, (a, b, _c) = pool
+    assert a.access is not None and b.access is not None
+    assert a.access.public_host == HOST_OUTSIDE_IP
+    assert a.access.public_port != b.access.public_port
+    for node in (a, b):
+        assert node.access is not None and node.access.public_port is not None
+        assert _banner_from_outside(HOST_OUTSIDE_IP, node.access.public_port).startswith("SSH-2.0")
+    # The host key a remote client pins is the node's own.
+    host_key = _on(a, "cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2]
+    assert list(a.access.host_keys) == [" ".join(host_key)]
+    # A port of the range with no node behind it reaches nothing.
+    assert "refused" in _banner_from_outside(HOST_OUTSIDE_IP, 41999)
+
+
+def test_a_deleted_nodes_published_port_is_gone(
+    pool: tuple[LocalDriver, list[Instance]], image_build_dir: Path
+) -> None:
+    driver, _ = pool
+    spec = NodeSpec(9, driver.cluster, "debian", "node-9", "b", (image_build_dir / "rootfs",))
+    node = driver.create(spec).wait(60)
+    assert node.access is not None and node.access.public_port is not None
+    port = node.access.public_port
+    assert port in driver._policy(resolve=False).published_ports()
+    driver.delete(node.external_id).wait(60)
+    assert port not in driver._policy(resolve=False).published_ports()
+    assert "refused" in _banner_from_outside(HOST_OUTSIDE_IP, port)
 
 
 def test_the_outside_namespace_answers_from_the_host(outside: str) -> None:

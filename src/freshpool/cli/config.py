@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from freshpool.cli.app import (
     ConfigOpt,
     config_app,
+    err,
     friendly,
     out,
 )
+
+if TYPE_CHECKING:
+    from freshpool.config import Config
 
 
 @config_app.command("validate")
@@ -25,6 +30,26 @@ def config_validate(config_path: ConfigOpt = None) -> None:
         f"{len(config.images)} images)",
         highlight=False,
     )
+    _say_limits(config)
+
+
+def _say_limits(config: Config) -> None:
+    """How this host would enforce each local provider's node limits, or why it cannot."""
+    from freshpool.drivers.base import DriverUnavailable
+    from freshpool.drivers.host import cgroups
+    from freshpool.drivers.local.limits import NodeLimiter
+
+    for provider in config.providers:
+        if provider.driver != "local":
+            continue
+        limiter = NodeLimiter(cgroups.detect(provider.name))
+        out.print(f"provider {provider.name}: node limits by {limiter.describe()}", highlight=False)
+        for label in config.labels:
+            if provider.serves(label.name):
+                try:
+                    limiter.check(label.limits.over(provider.limits), f"label {label.name}")
+                except DriverUnavailable as exc:
+                    err.print(f"warning: provider {provider.name}: {exc}", highlight=False)
 
 
 @config_app.command("default")

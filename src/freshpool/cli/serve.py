@@ -27,6 +27,7 @@ def serve(
     """Run the launcher: keep min-ready nodes per label ready, delete used ones."""
     from freshpool import launcher, launcherlock, logs, serve
     from freshpool.config import load, resolve_path
+    from freshpool.drivers.host import cgroups
     from freshpool.store import Store
 
     config = load(config_path)
@@ -35,6 +36,8 @@ def serve(
         raise Exit(
             "`freshpool serve` must run as root: local nodes need mounts and network namespaces", 3
         )
+    # Inherited by the API process; nodes take a higher score, so they go first.
+    cgroups.set_own_oom_score()
     with launcherlock.holding(config.state_dir, launcherlock.SERVE):
         store = Store.open(config.state_dir, config.database_url)
         try:
@@ -50,6 +53,12 @@ def serve(
             running = serve.start(config, runner)
             if running.url:
                 err.print(f"API and dashboard at {running.url} (OpenAPI: {running.url}/docs)")
+            if config.api.enabled and config.api.insecure and not config.api.loopback:
+                err.print(
+                    f"[bold red]WARNING: the API serves plain HTTP on {config.api.listen}"
+                    " (api.insecure: true): API tokens and node access cross the network"
+                    " unencrypted. Set api.tls to serve HTTPS.[/]"
+                )
             try:
                 runner.run(stop)
             finally:

@@ -14,9 +14,11 @@ from freshpool.config.loader import (
 )
 from freshpool.config.models import (
     Api,
+    ApiTls,
     Config,
     Label,
     LocalNetwork,
+    NodeLimits,
     Provider,
     QemuSettings,
     SimSettings,
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "NAME_PATTERN",
     "Api",
+    "ApiTls",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -39,6 +42,7 @@ __all__ = [
     "Label",
     "LocalNetwork",
     "Name",
+    "NodeLimits",
     "Provider",
     "QemuSettings",
     "Seconds",

@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, ByteSize, Field, field_validator, model_validator
 
 from freshpool.config.base import Model, Name, Seconds
 from freshpool.config.images import Image, image_parent_problems
@@ -30,6 +30,23 @@ class LocalNetwork(Model):
     # Off-host destinations nodes may reach without `outbound`: CIDRs, or host:port
     # (names resolved when the rules are made).
     egress: list[str] = []
+    # A host address other machines reach: each node's sshd is forwarded to a port of
+    # its own on it (from publish-ports), so a CI server elsewhere can use the node.
+    publish: ipaddress.IPv4Address | None = None
+    publish_ports: Annotated[str, Field(pattern=r"^\d{1,5}-\d{1,5}$")] = "40000-40999"
+
+    @property
+    def publish_range(self) -> range:
+        first, last = (int(p) for p in self.publish_ports.split("-"))
+        return range(first, last + 1)
+
+    @field_validator("publish_ports")
+    @classmethod
+    def _ports(cls, value: str) -> str:
+        first, last = (int(p) for p in value.split("-"))
+        if not 1024 <= first <= last <= 65535:
+            raise ValueError(f"{value!r}: expected FIRST-LAST within 1024-65535, FIRST <= LAST")
+        return value
 
     @field_validator("egress")
     @classmethod
@@ -67,6 +84,52 @@ def _egress_problem(entry: str) -> str | None:
 
 Rate = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def _with_unit(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"{value!r} has no unit: write a size like 512MiB or 2GiB")
+    return value
+
+
+# A size with its unit ("512MiB", "2GiB", "10GB"); a bare number is refused as ambiguous.
+Size = Annotated[ByteSize, BeforeValidator(_with_unit), Field(ge=16 * 2**20)]
+
+
+class NodeLimits(Model):
+    """What one node may use (cgroups and a size-limited disk); unset: no limit."""
+
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    memory: Size | None = None
+    pids: int | None = Field(default=None, ge=16)
+    # The node's writable layer: writes past it fail with ENOSPC inside the node.
+    disk: Size | None = None
+
+    def over(self, defaults: NodeLimits) -> NodeLimits:
+        """These limits, with `defaults` where these leave one unset."""
+        unset = {k: v for k, v in defaults if getattr(self, k) is None}
+        return self.model_copy(update=unset)
+
+
+class TotalLimits(Model):
+    """What all of a provider's nodes may take together."""
+
+    cpus: float | None = Field(default=None, gt=0)
+    memory: Size | None = None
+    disk: Size | None = None
+
+    def nodes_of(self, each: NodeLimits) -> int | None:
+        """How many nodes of size `each` fit (None: no cap applies)."""
+        fits = [
+            int(total // mine)
+            for total, mine in (
+                (self.cpus, each.cpus),
+                (self.memory, each.memory),
+                (self.disk, each.disk),
+            )
+            if total is not None and mine is not None
+        ]
+        return min(fits) if fits else None
 
 
 class SimSettings(Model):
@@ -129,6 +192,10 @@ class Provider(Model):
     breaker_cooldown: Seconds = 30.0
     sim: SimSettings = SimSettings()
     qemu: QemuSettings = QemuSettings()
+    # Each node's limits where its label sets none (local driver).
+    limits: NodeLimits = NodeLimits()
+    # All nodes together: launches stop at what the largest label's node leaves room for.
+    limits_total: TotalLimits = TotalLimits()
 
     def serves(self, label: str) -> bool:
         return self.labels is None or label in self.labels
@@ -148,6 +215,15 @@ class Label(Model):
     job_timeout: Seconds = 3 * 3600.0
     # A held node is deleted after this long.
     max_hold_age: Seconds = 24 * 3600.0
+    # This label's nodes' limits, over the provider's `limits`.
+    limits: NodeLimits = NodeLimits()
+
+
+class ApiTls(Model):
+    """The API's certificate and private key (PEM files; the chain goes in `cert`)."""
+
+    cert: Path
+    key: Path
 
 
 class Api(Model):
@@ -161,6 +237,28 @@ class Api(Model):
     open_status: bool = True
     # Tokens of these tenants may see and act on every tenant's requests and nodes.
     admin_tenants: list[Name] = []
+    tls: ApiTls | None = None
+    # Plain HTTP on an address other machines reach: tokens and node keys in clear.
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _plain_http_only_on_loopback(self) -> Api:
+        if self.enabled and self.tls is None and not self.insecure and not self.loopback:
+            raise ValueError(
+                f"listen {self.listen!r} is reachable from other machines and the API has no"
+                " TLS: set api.tls {cert: FILE, key: FILE}, or api.insecure: true to serve"
+                " plain HTTP there anyway"
+            )
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        if self.listen == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.listen).is_loopback
+        except ValueError:
+            return False
 
 
 class Tenant(Model):
@@ -224,6 +322,36 @@ class Config(Model):
                 if name not in labels:
                     problems.append((("providers", i, "qemu", "sizes"), f"no label named {name!r}"))
         problems += image_parent_problems(self.images)
+        problems += self._limit_problems()
+        return problems
+
+    def _limit_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """A label's node that would not fit in a provider serving it, even alone."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for i, label in enumerate(self.labels):
+            for provider in self.providers_for(label.name):
+                each = label.limits.over(provider.limits)
+                total = provider.limits_total
+                for key in ("cpus", "memory", "disk"):
+                    mine, cap = getattr(each, key), getattr(total, key)
+                    if mine is None and cap is not None:
+                        problems.append(
+                            (
+                                ("labels", i, "limits", key),
+                                f"provider {provider.name!r} caps {key} for all its nodes"
+                                f" (limits-total.{key}), so each node needs a {key} limit:"
+                                " set limits." + key + " on the provider or this label",
+                            )
+                        )
+                    if mine is not None and cap is not None and mine > cap:
+                        problems.append(
+                            (
+                                ("labels", i, "limits", key),
+                                f"{_shown(mine, key)} is more than provider {provider.name!r}"
+                                f" gives all its nodes together (limits-total.{key}:"
+                                f" {_shown(cap, key)})",
+                            )
+                        )
         return problems
 
     def label(self, name: str) -> Label:
@@ -238,5 +366,20 @@ class Config(Model):
                 return image
         raise UnknownName("image", name, [i.name for i in self.images])
 
+    def total_cap(self, provider: Provider) -> int | None:
+        """The nodes `provider` may run at once by its limits-total, each counted as the
+        largest its labels make (None: no cap)."""
+        fits = [
+            provider.limits_total.nodes_of(label.limits.over(provider.limits))
+            for label in self.labels
+            if provider.serves(label.name)
+        ]
+        caps = [f for f in fits if f is not None]
+        return min(caps) if caps else None
+
     def providers_for(self, label: str) -> list[Provider]:
         return providers_serving(self.providers, [label])
+
+
+def _shown(value: float, key: str) -> str:
+    return ByteSize(int(value)).human_readable(decimal=False) if key != "cpus" else f"{value:g}"

@@ -22,7 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from freshpool.config import Provider
+from freshpool.config import NodeLimits, Provider
 from freshpool.core.errors import Unavailable
 from freshpool.drivers.operations import (
     CommandResult,
@@ -110,6 +110,8 @@ class NodeSpec:
     user: str = "root"
     # What upload_image returned for this build on this provider (None: layers in place).
     image_external_id: str | None = None
+    # What the node may use (the label's limits over the provider's).
+    limits: NodeLimits = field(default_factory=NodeLimits)
 
     @property
     def tags(self) -> Tags:
@@ -209,6 +211,11 @@ class Driver(ABC):
         Drivers whose nodes have no per-set rules keep this default.
         """
         return None
+
+    def faults(self, external_id: str) -> list[str]:
+        """What went wrong inside a node that its job's history should say ("out of
+        memory"); drivers that cannot tell keep this default."""
+        return []
 
     def external_id_for(self, tags: Tags) -> str | None:
         """The id an instance with these tags has or would have, if the driver can tell."""

@@ -24,6 +24,11 @@ class SshAccess:
     user: str
     key_path: str
     known_hosts_path: str
+    # The node's SSH host public keys ("ssh-ed25519 AAAA..."), for clients to pin.
+    host_keys: Sequence[str] = ()
+    # Where a client on another machine reaches the node's sshd, if it is published.
+    public_host: str | None = None
+    public_port: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -32,7 +37,19 @@ class SshAccess:
             "user": self.user,
             "key_path": self.key_path,
             "known_hosts_path": self.known_hosts_path,
+            "host_keys": list(self.host_keys),
+            "public_host": self.public_host,
+            "public_port": self.public_port,
         }
+
+
+def host_keys_in(known_hosts: str) -> list[str]:
+    """The keys of a known_hosts file freshpool wrote ("ADDRESS TYPE KEY" lines)."""
+    try:
+        with open(known_hosts) as lines:
+            return [" ".join(line.split()[1:3]) for line in lines if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def ssh_argv(
@@ -100,6 +117,39 @@ def run(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+# Appends keys to the user's authorized_keys; the directory is made if missing.
+AUTHORIZE = "umask 077 && mkdir -p ~/.ssh && cat >> ~/.ssh/authorized_keys"
+
+
+def authorize_keys(
+    accesses: Sequence[SshAccess], keys: Sequence[str], timeout: float = 30.0
+) -> list[str | None]:
+    """Let `keys` log in to each node too, all nodes at once; per node, None or why not."""
+    text = "".join(f"{key}\n" for key in keys)
+    procs = [
+        subprocess.Popen(
+            ssh_argv(access, AUTHORIZE),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for access in accesses
+    ]
+    deadline = time.monotonic() + timeout
+    errors: list[str | None] = []
+    for proc in procs:
+        try:
+            _, stderr = proc.communicate(text, timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            errors.append(f"no answer within {timeout:g} s")
+            continue
+        errors.append(None if proc.returncode == 0 else f"ssh: {stderr.strip()[-300:]}")
+    return errors
 
 
 class BannerProbe:

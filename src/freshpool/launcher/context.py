@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from freshpool.config import Config, Label, Provider
+from freshpool.config import Config, Label, NodeLimits, Provider
 from freshpool.core.backoff import DRIVER, Backoff
 from freshpool.core.errors import StaleState
 from freshpool.core.states import NODE_TRANSITIONS, NodeState
@@ -71,7 +71,12 @@ def instance_values(instance: Instance) -> dict[str, Any]:
 
 
 def node_spec(
-    store: Store, row: NodeRow, build: BuildRow, user: str, image_external_id: str | None
+    store: Store,
+    row: NodeRow,
+    build: BuildRow,
+    user: str,
+    image_external_id: str | None,
+    limits: NodeLimits,
 ) -> NodeSpec:
     """What a driver needs to make the node `row` from `build`."""
     return NodeSpec(
@@ -83,4 +88,5 @@ def node_spec(
         layers=build.layer_paths(),
         user=user,
         image_external_id=image_external_id,
+        limits=limits,
     )

@@ -100,6 +100,8 @@ def _launch_on(
     room = min(
         # The driver's own limit (host RAM for VMs, addresses...) may be lower.
         driver.limits().max_nodes - used,
+        # What all the provider's nodes may take together (limits-total).
+        (shared.config.total_cap(provider) or used + missing) - used,
         provider.max_parallel_launches - shared.work.launches_on(provider.name),
         missing,
     )

@@ -95,9 +95,12 @@ class NodeController:
             launch.label.name, launch.provider.name, build.id, launch.label.name, launch.count
         )
         driver = self.shared.drivers[launch.provider.name]
+        limits = launch.label.limits.over(launch.provider.limits)
         for row in rows:
             crashpoints.point("launch")
-            spec = node_spec(store, row, build, launch.label.user, launch.serving.external_id)
+            spec = node_spec(
+                store, row, build, launch.label.user, launch.serving.external_id, limits
+            )
             op = driver.create(spec)
             op.advance()
             self.shared.work.add(Work(row.id, row.provider, row.label, Kind.CREATE, op))
@@ -172,7 +175,7 @@ class NodeController:
         store, work = self.shared.store, self.shared.work
         store.transitions(
             [
-                Move(row.id, N(row.state), N.DELETING, f"{row.state}: delete")
+                Move(row.id, N(row.state), N.DELETING, self._delete_reason(row))
                 for row in store.nodes(states_in=sorted(NODE_TO_DELETE_STATES))
                 if row.id not in work
             ]
@@ -203,6 +206,15 @@ class NodeController:
             crashpoints.point("delete")
             give_up = time.monotonic() + timeout
             work.add(Work(row.id, row.provider, row.label, Kind.DELETE, op, give_up))
+
+    def _delete_reason(self, row: NodeRow) -> str:
+        """Why the node goes, led by what went wrong inside it during its job, if anything
+        (an out-of-memory kill), so its history says so."""
+        driver = self.shared.drivers.get(row.provider)
+        faults = driver.faults(row.external_id) if driver and row.external_id else []
+        for fault in faults:
+            log.warning("node %s: %s", row.id, fault)
+        return "; ".join([*faults, f"{row.state}: delete"])
 
     def _external_id(self, row: NodeRow) -> str | None:
         """The node's instance id; None if none was ever made; "" if its provider is

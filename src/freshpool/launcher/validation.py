@@ -80,7 +80,7 @@ class Validation(StepOperation[Verdict]):
         started = time.monotonic()
         row = store.new_node(validation_label(image.name), provider, build.id, "validate")
         self.node_id = row.id
-        spec = node_spec(store, row, build, "root", external_id)
+        spec = node_spec(store, row, build, "root", external_id, driver.provider.limits)
         log(f"==> validate: booting node {row.id} ({row.hostname}) on {provider}")
         create = driver.create(spec)
         yield from _drive(create)

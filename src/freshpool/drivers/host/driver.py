@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from freshpool.config import Provider
 from freshpool.drivers.base import (
+    CommandFailed,
     DoneOperation,
     Driver,
     DriverError,
@@ -95,6 +96,8 @@ class HostNodeDriver(Driver, Generic[LaunchT, RecordT]):
     # What its nodes are called in messages: "<kind> nodes", "start a <noun>".
     kind: str
     noun: str
+    # A create's step -> what the node was doing, for its error ("while starting it").
+    steps: Mapping[str, str] = {}
 
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
         super().__init__(provider, cluster, state_dir)
@@ -112,6 +115,8 @@ class HostNodeDriver(Driver, Generic[LaunchT, RecordT]):
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         # External ids whose create operation is under way in this driver.
         self._creating: set[str] = set()
+        self._sweeper: subprocess.Popen[bytes] | None = None
+        self._sweep_trash()
 
     # ---- identity and layout
 
@@ -183,9 +188,16 @@ class HostNodeDriver(Driver, Generic[LaunchT, RecordT]):
     def _launch_steps(self, launch: LaunchT) -> Generator[float, None, None]:
         """Make the node, marking each step on `launch`, until sshd answers."""
 
-    @abstractmethod
     def _explain(self, exc: Exception, launch: LaunchT) -> Exception:
         """The error a failed create reports, saying which step failed."""
+        where = f"{launch.external_id} (while {self.steps.get(launch.step, launch.step)})"
+        if isinstance(exc, OutOfSpace):
+            return exc
+        if _no_space(exc):
+            return OutOfSpace(f"{where}: the disk holding {self.nodes_dir} is full: {exc}")
+        if isinstance(exc, DriverError | TimeoutError):
+            return exc
+        return DriverError(f"{where}: {exc}")
 
     @abstractmethod
     def _undo(self, launch: LaunchT) -> Generator[float, None, None]:
@@ -242,6 +254,22 @@ class HostNodeDriver(Driver, Generic[LaunchT, RecordT]):
         for external_id, proc in list(self._children.items()):
             if proc.poll() is not None:
                 del self._children[external_id]
+        if self._sweeper is not None and self._sweeper.poll() is not None:
+            self._sweeper = None
+
+    def _sweep_trash(self) -> None:
+        """Finish removals a previous launcher left half done."""
+        try:
+            leftovers = [str(self.trash_dir / n) for n in os.listdir(self.trash_dir)]
+        except FileNotFoundError:
+            return
+        if leftovers:
+            self._sweeper = subprocess.Popen(
+                [tool("rm"), "-rf", "--one-file-system", "--", *leftovers],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
     def _kill(
         self,
@@ -276,3 +304,11 @@ class HostNodeDriver(Driver, Generic[LaunchT, RecordT]):
             target = path
         # A node dir may hold a whole build: removing it must not block the loop.
         yield from Command([tool("rm"), "-rf", "--one-file-system", "--", str(target)]).wait()
+
+
+def _no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (28, 122)  # ENOSPC, EDQUOT
+    if isinstance(exc, CommandFailed):
+        return "No space left on device" in exc.stderr or "quota exceeded" in exc.stderr
+    return False

@@ -21,7 +21,6 @@ import freshpool.drivers.local.network as network
 import freshpool.drivers.local.rootfs as rootfs
 from freshpool.config import Provider
 from freshpool.drivers.base import (
-    CommandFailed,
     DriverError,
     DriverUnavailable,
     Instance,
@@ -32,14 +31,15 @@ from freshpool.drivers.base import (
     SshAccess,
     StepOperation,
 )
-from freshpool.drivers.host import mounts, processes
+from freshpool.drivers.host import cgroups, mounts, processes
 from freshpool.drivers.host.driver import HostNodeDriver, NodeLaunch, tail
 from freshpool.drivers.host.processes import MARK_NODE
 from freshpool.drivers.host.tools import Command, find_tool, keygen, tool
-from freshpool.drivers.local.policy import NodePolicy, set_pairs
+from freshpool.drivers.local.limits import NodeLimiter
+from freshpool.drivers.local.policy import NodePolicy
 from freshpool.drivers.local.records import NodePaths, NodeRecord
 from freshpool.drivers.local.sandbox import HOST_KEY, NODE_PATH, SSHD, node_argv
-from freshpool.drivers.ssh import wait_for_banner
+from freshpool.drivers.ssh import host_keys_in, wait_for_banner
 
 # Refuse to start a node on a nearly full disk: it would fail its job anyway.
 MIN_FREE_BYTES = 64 * 2**20
@@ -56,6 +56,7 @@ REQUIRED_TOOLS = {
 
 _STEPS = {
     "files": "making the node's files and root",
+    "disk": "making its disk",
     "network": "setting up its network",
     "keys": "generating its SSH keys",
     "access": "installing SSH access",
@@ -70,35 +71,25 @@ class _Launch(NodeLaunch[NodePaths, NodeRecord]):
     ip: IPv4Address
 
 
-def _no_space(exc: BaseException) -> bool:
-    if isinstance(exc, OutOfSpace):
-        return True
-    if isinstance(exc, OSError):
-        return exc.errno in (28, 122)  # ENOSPC, EDQUOT
-    if isinstance(exc, CommandFailed):
-        return "No space left on device" in exc.stderr or "quota exceeded" in exc.stderr
-    return False
-
-
 class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
     """Nodes as namespace containers on this host, reached over a host-only bridge."""
 
     min_free_bytes: int = MIN_FREE_BYTES
     kind = "local"
+    steps = _STEPS
     noun = "node"
 
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
         super().__init__(provider, cluster, state_dir)
         self.network = network.BridgeNetwork.for_provider(provider)
         self._addresses = network.AddressPool(self.network)
-        self._sweeper: subprocess.Popen[bytes] | None = None
         self._bridge_ready = False
         self._policy_now: NodePolicy | None = None
+        self.limiter = NodeLimiter(cgroups.detect(provider.name))
         for eid in self._node_dirs():
             record = NodeRecord.load(self._paths(eid).record)
             if record is not None and ip_address(record.ip) in self.network.subnet:
                 self._addresses.reserve(record.ip)
-        self._sweep_trash()
 
     # ---- identity and layout
 
@@ -130,6 +121,10 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
                 "the kernel has no overlayfs: run `modprobe overlay`"
                 " (and add `overlay` to /etc/modules to keep it)"
             )
+        try:
+            self.limiter.check(self.provider.limits, "limits")
+        except DriverUnavailable as exc:
+            problems.append(str(exc))
         if problems:
             raise DriverUnavailable(
                 f"local provider {self.provider.name!r} cannot run nodes here: "
@@ -156,6 +151,7 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
                 f"{external_id} already exists (leftovers of an earlier launch?): delete it first"
             )
         self._check_free_space(external_id)
+        self.limiter.check(spec.limits, f"{external_id}: label {spec.label}")
 
     def _create(self, spec: NodeSpec) -> Generator[float, None, Instance]:
         external_id = self.external_id_for(spec.tags)
@@ -171,7 +167,12 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
 
     def _launch_steps(self, launch: _Launch) -> Generator[float, None, None]:
         launch.mark("files")
-        self._make_files(launch)
+        self._make_record(launch)
+        if launch.spec.limits.disk is not None:
+            launch.mark("disk")
+            disk = self.limiter.make_disk(launch.paths, int(launch.spec.limits.disk))
+            launch.commands += yield from disk
+        self._make_root(launch)
         launch.mark("network")
         yield from self._make_network(launch)
         launch.mark("keys")
@@ -190,11 +191,11 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         # The address is released even if the record holding it was never written.
         yield from self._remove(launch.external_id, launch.ip)
 
-    def _make_files(self, launch: _Launch) -> None:
-        """The node dir, its record, the overlay root; starts the key generators."""
+    def _make_record(self, launch: _Launch) -> None:
+        """The node dir and its record."""
         spec, paths = launch.spec, launch.paths
         paths.dir.mkdir(mode=0o700)
-        for sub in (paths.upper, paths.work, paths.root):
+        for sub in (paths.rw, paths.root):
             sub.mkdir(mode=0o755)
         # The record goes first: from here on, a crash leaves a node that list_instances
         # finds, and its address stays reserved for the next driver instance.
@@ -214,6 +215,12 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
             created=time.time(),
         )
         launch.record.save(paths.record)
+
+    def _make_root(self, launch: _Launch) -> None:
+        """The overlay root; starts the key generators."""
+        spec, paths = launch.spec, launch.paths
+        for sub in (paths.upper, paths.work):
+            sub.mkdir(mode=0o755)
         layers = [Path(os.path.abspath(layer)) for layer in spec.layers]
         mounts.mount_overlay(layers, paths.upper, paths.work, paths.root)
         if mounts.is_read_only(paths.root):
@@ -243,6 +250,9 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         command = Command([ip, "-n", launch.external_id, "-batch", "-"], stdin=inside)
         launch.commands.append(command)
         yield from command.wait()
+        published = self.network.published(launch.ip)
+        if published:
+            self._policy(resolve=False).publish_node(published[1], launch.ip)
 
     def _install_access(self, launch: _Launch) -> None:
         """Client key into the user's authorized_keys; pinned host key; sshd's needs."""
@@ -257,7 +267,10 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
     def _spawn(self, launch: _Launch) -> None:
         spec, paths, record = launch.spec, launch.paths, launch.record
         assert record is not None
-        argv = node_argv(network.netns_file(launch.external_id), str(paths.root), spec.hostname)
+        argv = self.limiter.command(
+            self.limiter.make_group(launch.external_id, spec.limits),
+            node_argv(network.netns_file(launch.external_id), str(paths.root), spec.hostname),
+        )
         env = {"PATH": NODE_PATH, **self._marks(spec.node_id)}
         with open(paths.log, "ab") as log:
             # Its own session and no --die-with-parent: the node outlives the launcher,
@@ -294,16 +307,6 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
             refused=(0.002, 0.1),
         )
 
-    def _explain(self, exc: Exception, launch: _Launch) -> Exception:
-        where = f"{launch.external_id} (while {_STEPS.get(launch.step, launch.step)})"
-        if isinstance(exc, OutOfSpace):
-            return exc
-        if _no_space(exc):
-            return OutOfSpace(f"{where}: the disk holding {self.nodes_dir} is full: {exc}")
-        if isinstance(exc, DriverError | TimeoutError):
-            return exc
-        return DriverError(f"{where}: {exc}")
-
     # ---- delete
 
     def _node_pids(self, external_id: str, record: NodeRecord | None) -> set[int]:
@@ -314,11 +317,6 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
             assert record.pid is not None
             pids.add(record.pid)
         return pids
-
-    def _reap(self) -> None:
-        super()._reap()
-        if self._sweeper is not None and self._sweeper.poll() is not None:
-            self._sweeper = None
 
     def _remove(
         self, external_id: str, ip: IPv4Address | None = None
@@ -336,6 +334,10 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
             pause=0.002,
             survivors="processes {} survive SIGKILL",
         )
+        while not self.limiter.remove_group(external_id):
+            if time.monotonic() > deadline:
+                raise DriverError(f"{external_id}: its cgroup still holds processes")
+            yield 0.01
         attempts = 0
         while points := mounts.mounts_under(paths.dir):
             for mount in points:
@@ -361,20 +363,6 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         for address in addresses:
             self._addresses.release(address)
 
-    def _sweep_trash(self) -> None:
-        """Finish removals a previous launcher left half done."""
-        try:
-            leftovers = [str(self.trash_dir / n) for n in os.listdir(self.trash_dir)]
-        except FileNotFoundError:
-            return
-        if leftovers:
-            self._sweeper = subprocess.Popen(
-                [tool("rm"), "-rf", "--one-file-system", "--", *leftovers],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-
     # ---- list
 
     def list_instances(self) -> list[Instance]:
@@ -395,6 +383,7 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         for pid, marks in processes.marked_processes(self._marks()).items():
             marked.setdefault(f"{self._prefix}{marks.get(MARK_NODE, '')}", []).append(pid)
         found = set(records) | mounted | {e for e in marked if self.node_id_of(e) is not None}
+        found |= {g for g in self.limiter.groups() if self.node_id_of(g) is not None}
         for name in netns - found:
             # A namespace alone could be another local provider's node of this cluster;
             # it is ours if its veth is on our bridge.
@@ -427,7 +416,11 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
 
     def _instance(self, record: NodeRecord, alive: bool) -> Instance:
         paths = self._paths(record.external_id)
-        access = SshAccess(record.ip, 22, record.user, str(paths.key), str(paths.known_hosts))
+        known = str(paths.known_hosts)
+        published = self.network.published(record.ip) or (None, None)
+        access = SshAccess(
+            record.ip, 22, record.user, str(paths.key), known, host_keys_in(known), *published
+        )
         details: dict[str, Any] = {
             "ip": record.ip,
             "hostname": record.hostname,
@@ -440,6 +433,9 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         }
         return Instance(record.external_id, record.tags, alive, access, details)
 
+    def faults(self, external_id: str) -> list[str]:
+        return self.limiter.faults(external_id)
+
     # ---- the bridge and its policy
 
     def _policy(self, resolve: bool = True) -> NodePolicy:
@@ -450,27 +446,18 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
         return self._policy_now
 
     def reconcile(self, node_sets: Callable[[], Sequence[Sequence[str]]]) -> None:
-        """Repair the rules, and let through exactly the pairs of the node sets in use.
-
-        The pairs are listed before the sets are read, so a set handed out meanwhile
-        is in the sets, or not yet among the pairs: never wrongly dropped.
-        """
+        """Repair the rules; let through exactly the pairs of the node sets in use."""
         if not self._bridge_ready and not network.link_exists(self.network.bridge):
             return
-        policy = self._policy()
-        policy.apply()
+
+        def addresses() -> list[list[IPv4Address]]:
+            records = [[NodeRecord.load(self._paths(e).record) for e in s] for s in node_sets()]
+            return [[IPv4Address(r.ip) for r in rs if r is not None] for rs in records]
+
+        live = [NodeRecord.load(self._paths(e).record) for e in self._node_dirs()]
+        ports = self.network.publish_map(r.ip for r in live if r is not None)
+        self._policy().reconcile(addresses, ports)
         self._bridge_ready = True
-        now = policy.pairs()
-        in_use = node_sets()
-        ips = {}
-        for eid in {e for members in in_use for e in members}:
-            record = NodeRecord.load(self._paths(eid).record)
-            if record is not None:
-                ips[eid] = IPv4Address(record.ip)
-        wanted = {
-            pair for members in in_use for pair in set_pairs([ips[e] for e in members if e in ips])
-        }
-        policy.update(add=wanted - now, remove=now - wanted)
 
     def remove_network(self, force: bool = False) -> None:
         """Delete this provider's bridge and NAT rules.

@@ -103,6 +103,9 @@ class BridgeNetwork:
     outbound: bool
     host_ports: tuple[int, ...] = ()
     egress: tuple[str, ...] = ()
+    # A host address each node's sshd is forwarded on, one port per address.
+    publish: IPv4Address | None = None
+    publish_ports: range = range(0)
 
     @classmethod
     def for_provider(cls, provider: Provider) -> BridgeNetwork:
@@ -119,7 +122,30 @@ class BridgeNetwork:
             net.outbound,
             tuple(sorted(set(net.host_ports))),
             tuple(net.egress),
+            net.publish,
+            net.publish_range,
         )
+
+    @property
+    def first_node(self) -> IPv4Address:
+        return self.gateway + 1
+
+    @property
+    def node_count(self) -> int:
+        """Node addresses: the subnet's, less its network, bridge and broadcast
+        addresses; with `publish`, no more than it has ports."""
+        count = max(0, int(self.subnet.broadcast_address) - int(self.first_node))
+        return min(count, len(self.publish_ports)) if self.publish else count
+
+    def publish_map(self, ips: Iterable[str]) -> dict[int, IPv4Address]:
+        """Published port -> node address, for the nodes at `ips`."""
+        return {p[1]: IPv4Address(ip) for ip in ips if (p := self.published(ip))}
+
+    def published(self, ip: IPv4Address | str) -> tuple[str, int] | None:
+        """Where the node at `ip` is reached from other machines, if it is published."""
+        if self.publish is None:
+            return None
+        return str(self.publish), self.publish_ports[int(IPv4Address(ip)) - int(self.first_node)]
 
     @property
     def routes_out(self) -> bool:
@@ -136,6 +162,7 @@ class BridgeNetwork:
             self.host_ports,
             self.outbound,
             Egress.resolve(self.egress),
+            self.publish,
         )
 
     @property
@@ -251,9 +278,8 @@ class AddressPool:
     """Node addresses of a subnet, handed out round-robin so a freed one rests a while."""
 
     def __init__(self, net: BridgeNetwork) -> None:
-        # Skip the network address, the bridge's own address and the broadcast address.
-        self._first = int(net.gateway) + 1
-        self._count = max(0, int(net.subnet.broadcast_address) - self._first)
+        self._first = int(net.first_node)
+        self._count = net.node_count
         self._used: set[int] = set()
         self._cursor = 0
         self._lock = threading.Lock()

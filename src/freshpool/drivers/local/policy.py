@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -73,6 +73,8 @@ class NodePolicy:
     host_ports: tuple[int, ...]
     outbound: bool
     egress: Egress
+    # The host address nodes' sshd ports are published on (DNAT), if any.
+    publish: IPv4Address | None = None
 
     @property
     def table(self) -> str:
@@ -81,6 +83,10 @@ class NodePolicy:
     @property
     def peers(self) -> str:
         return f"peers-{self.bridge}"
+
+    @property
+    def published(self) -> str:
+        return f"pub-{self.bridge}"
 
     @property
     def routes_out(self) -> bool:
@@ -115,10 +121,14 @@ class NodePolicy:
             *_base_chain(out, "filter", "forward", "0"),
             # From elsewhere to the nodes: only replies to what a node opened.
             f'add rule {out} oifname "{b}" {others} ct state established,related accept',
+            # A published port, forwarded to a node's sshd (and nothing else of it).
+            f'add rule {out} oifname "{b}" {others} ct status dnat tcp dport 22 accept',
             f'add rule {out} oifname "{b}" {others} drop',
             f"add rule {out} {others} accept",
             # Between two of the bridge's ports (br_netfilter): the bridge chain decides.
             f'add rule {out} oifname "{b}" accept',
+            # Replies: to a published port's connections, and to allowed egress.
+            f"add rule {out} {ours} ct state established,related accept",
             *self._egress_rules(f"add rule {out} {ours}"),
             f"add rule {out} drop",
             f"add table ip {t}",
@@ -126,7 +136,39 @@ class NodePolicy:
         ]
         if self.routes_out:
             lines.append(f'add rule {nat} ip saddr {self.subnet} oifname != "{b}" masquerade')
+        if self.publish is not None:
+            lines += self._publish_rules()
         return lines
+
+    def _publish_rules(self) -> list[str]:
+        """Each published port (an element of the map, one per node) to its node's sshd;
+        the connection comes from the bridge's address, which nodes answer."""
+        t, b = self.table, self.bridge
+        lines = [
+            f"add map ip {t} {self.published} {{ type inet_service : ipv4_addr . inet_service; }}",
+            f'add rule ip {t} nat-{b} oifname "{b}" ct status dnat tcp dport 22 masquerade',
+        ]
+        # From elsewhere (prerouting), and from this host itself (output).
+        for chain, hook in ((f"ip {t} dnat-{b}", "prerouting"), (f"ip {t} local-{b}", "output")):
+            lines += [
+                # -100 is dstnat's priority; nft has the name for prerouting only.
+                *_base_chain(chain, "nat", hook, "-100"),
+                f"add rule {chain} ip daddr {self.publish}"
+                f" dnat ip to tcp dport map @{self.published}",
+            ]
+        return lines
+
+    def publish_node(self, port: int, ip: IPv4Address) -> None:
+        _nft_batch([f"add element ip {self.table} {self.published} {{ {port} : {ip} . 22 }}"])
+
+    def published_ports(self) -> dict[int, IPv4Address]:
+        found: dict[int, IPv4Address] = {}
+        if self.publish is None:
+            return found
+        for item in _nft_json(["list", "map", "ip", self.table, self.published]):
+            for port, target in item.get("map", {}).get("elem", []):
+                found[int(port)] = IPv4Address(target["concat"][0])
+        return found
 
     def _egress_rules(self, prefix: str) -> list[str]:
         if self.outbound:
@@ -183,9 +225,43 @@ class NodePolicy:
         if lines:
             _nft_batch(lines)
 
+    def reconcile(
+        self,
+        node_sets: Callable[[], Sequence[Sequence[IPv4Address]]],
+        published: dict[int, IPv4Address],
+    ) -> None:
+        """Repair the rules, let through exactly the pairs of the node sets in use, and
+        publish exactly the nodes that exist (`published`: port -> node address).
+
+        The pairs are listed before the sets are read, so a set handed out meanwhile
+        is in the sets, or not yet among the pairs: never wrongly dropped.
+        """
+        self.apply()
+        now = self.pairs()
+        wanted = {pair for ips in node_sets() for pair in set_pairs(ips)}
+        self.update(add=wanted - now, remove=now - wanted)
+        if self.publish is not None:
+            there = self.published_ports()
+            stale = [str(p) for p, ip in there.items() if published.get(p) != ip]
+            lines = [f"delete element ip {self.table} {self.published} {{ {', '.join(stale)} }}"]
+            lines = lines if stale else []
+            lines += [
+                f"add element ip {self.table} {self.published} {{ {p} : {ip} . 22 }}"
+                for p, ip in published.items()
+                if there.get(p) != ip
+            ]
+            if lines:
+                _nft_batch(lines)
+
     def forget(self, ip: IPv4Address) -> None:
-        """Stop every pair with `ip` in it: its node is gone, and the address comes back."""
+        """Stop every pair with `ip` in it, and its published port: its node is gone, and
+        the address comes back."""
         self.update(remove=[p for p in self.pairs() if ip in p])
+        ports = [str(port) for port, to in self.published_ports().items() if to == ip]
+        if ports:
+            _nft_batch(
+                [f"delete element ip {self.table} {self.published} {{ {', '.join(ports)} }}"]
+            )
 
 
 def set_pairs(ips: Sequence[IPv4Address]) -> list[tuple[IPv4Address, IPv4Address]]:

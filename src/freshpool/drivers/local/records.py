@@ -19,12 +19,21 @@ class NodePaths(NodeDir):
         return self.dir / "root"
 
     @property
+    def rw(self) -> Path:
+        """Where the node's writes go: its own disk when it has a size limit."""
+        return self.dir / "rw"
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.img"
+
+    @property
     def upper(self) -> Path:
-        return self.dir / "upper"
+        return self.rw / "upper"
 
     @property
     def work(self) -> Path:
-        return self.dir / "work"
+        return self.rw / "work"
 
     @property
     def log(self) -> Path:

@@ -28,7 +28,6 @@ from freshpool.drivers.base import (
     Instance,
     NodeSpec,
     Operation,
-    OutOfSpace,
     Quota,
     SshAccess,
     StepOperation,
@@ -45,7 +44,7 @@ from freshpool.drivers.qemu.machine import PROCESS_NAME, QEMU, free_loopback_por
 from freshpool.drivers.qemu.power import PowerButton
 from freshpool.drivers.qemu.records import QMP_SOCKET, NodePaths, NodeRecord
 from freshpool.drivers.qemu.vmbase import VmBase
-from freshpool.drivers.ssh import wait_for_banner
+from freshpool.drivers.ssh import host_keys_in, wait_for_banner
 
 # The logger keeps the name it had when the driver was one module.
 log = logging.getLogger("freshpool.drivers.qemu")
@@ -84,6 +83,7 @@ class QemuDriver(HostNodeDriver[_Launch, NodeRecord]):
 
     min_free_bytes: int = MIN_FREE_BYTES
     kind = "VM"
+    steps = _STEPS
     noun = "VM"
 
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
@@ -310,7 +310,7 @@ class QemuDriver(HostNodeDriver[_Launch, NodeRecord]):
         with open(paths.log, "ab") as out:
             # Its own session: the VM outlives the launcher, which adopts it after a restart.
             launch.proc = subprocess.Popen(
-                qemu_argv(record, base, self.provider.network.outbound),
+                qemu_argv(record, base, self.provider.network),
                 cwd=paths.dir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -343,14 +343,6 @@ class QemuDriver(HostNodeDriver[_Launch, NodeRecord]):
             # while nothing listens in the guest, so each refusal is a fresh attempt.
             refused=(0.05, 0.25),
         )
-
-    def _explain(self, exc: Exception, launch: _Launch) -> Exception:
-        where = f"{launch.external_id} (while {_STEPS.get(launch.step, launch.step)})"
-        if isinstance(exc, OSError) and exc.errno in (28, 122):
-            return OutOfSpace(f"{where}: the disk holding {self.state_dir} is full: {exc}")
-        if isinstance(exc, DriverError | TimeoutError):
-            return exc
-        return DriverError(f"{where}: {exc}")
 
     # ---- delete
 
@@ -437,6 +429,7 @@ class QemuDriver(HostNodeDriver[_Launch, NodeRecord]):
         for pid, marks in processes.marked_processes(self._marks(), (PROCESS_NAME,)).items():
             running.setdefault(f"{self._prefix}{marks.get(MARK_NODE, '')}", []).append(pid)
         found = set(records) | {e for e in running if self.node_id_of(e) is not None}
+
         def problems_of(eid: str, record: NodeRecord | None) -> list[str]:
             problems = []
             if record is None:
@@ -454,11 +447,17 @@ class QemuDriver(HostNodeDriver[_Launch, NodeRecord]):
             instances.append(instance)
         return instances
 
+    def _published(self, port: int) -> tuple[str | None, int | None]:
+        publish = self.provider.network.publish
+        return (str(publish), port) if publish is not None else (None, None)
+
     def _instance(self, record: NodeRecord, alive: bool) -> Instance:
         paths = self._paths(record.external_id)
+        known = str(paths.known_hosts)
         access = SshAccess(
-            "127.0.0.1", record.port, record.user, str(paths.key), str(paths.known_hosts)
-        )
+            "127.0.0.1", record.port, record.user, str(paths.key), known, host_keys_in(known),
+            *self._published(record.port),
+        )  # fmt: skip
         details: dict[str, Any] = {
             "accel": record.accel,
             "accel_reason": record.accel_reason,

@@ -4,7 +4,9 @@ network, QMP socket) and the loopback port its SSH forward listens on."""
 from __future__ import annotations
 
 import socket
+import sys
 
+from freshpool.config import LocalNetwork
 from freshpool.drivers.base import DriverError
 from freshpool.drivers.host.tools import tool
 from freshpool.drivers.qemu.records import QMP_SOCKET, NodeRecord
@@ -20,14 +22,36 @@ KERNEL_ARGS = (
 )
 
 
-def qemu_argv(record: NodeRecord, base: VmBase, outbound: bool) -> list[str]:
+# Where a VM reaches the listed host ports: QEMU's user-mode network forwards
+# `host-ports` from here to the host's loopback (restrict=on lets nothing else through;
+# QEMU refuses a forward on the host's own address, 10.0.2.2).
+GUEST_HOST = "10.0.2.100"
+RELAY = "freshpool.drivers.qemu.relay"
+
+
+def netdev_of(port: int, network: LocalNetwork) -> str:
+    """The VM's user-mode network: sshd forwarded from loopback (and from the published
+    address on the same port), the listed host ports forwarded in, nothing else unless
+    `outbound`."""
+    parts = ["user", "id=net0", f"restrict={'off' if network.outbound else 'on'}",
+             f"hostfwd=tcp:127.0.0.1:{port}-:22"]  # fmt: skip
+    if network.publish is not None:
+        parts.append(f"hostfwd=tcp:{network.publish}:{port}-:22")
+    # One relay process per connection (a tcp: chardev would connect once, at start).
+    parts += [
+        f"guestfwd=tcp:{GUEST_HOST}:{p}-cmd:{sys.executable} -m {RELAY} 127.0.0.1 {p}"
+        for p in sorted(set(network.host_ports))
+    ]
+    return ",".join(parts)
+
+
+def qemu_argv(record: NodeRecord, base: VmBase, network: LocalNetwork) -> list[str]:
     """QEMU's command line for a node; relative paths are in the node dir."""
     if record.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         accel = ["-accel", f"tcg,thread=multi,tb-size={TCG_CACHE_MIB}", "-cpu", "max"]
-    restrict = "off" if outbound else "on"
-    netdev = f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{record.port}-:22"
+    netdev = netdev_of(record.port, network)
     return [
         tool(QEMU),
         "-name", record.external_id,
@@ -44,7 +68,10 @@ def qemu_argv(record: NodeRecord, base: VmBase, outbound: bool) -> list[str]:
         "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
         # A guest that panics or reboots ends QEMU: the node is dead, not looping.
         "-no-reboot",
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-sandbox", "on,obsolete=deny,resourcecontrol=deny"
+        # A forwarded host port starts a relay per connection: it needs fork and exec,
+        # and dies under elevateprivileges=deny (its seccomp filter is inherited).
+        + ("" if network.host_ports else ",elevateprivileges=deny,spawn=deny"),
     ]  # fmt: skip
 
 
