@@ -150,6 +150,7 @@ async def hand_outs(
     release: bool = False,
     every: float = 0.0,
     warm: int = 0,
+    ask_for: dict[str, object] | None = None,
 ) -> dict[str, float]:
     """`total` hand-outs by `clients` concurrent clients, after `warm` untimed ones;
     latency of each POST -> fulfilled.
@@ -158,7 +159,7 @@ async def hand_outs(
     """
     loop = ClosedLoop(total, warm)
     auth = {"Authorization": f"Bearer {token}"}
-    ask = request_bytes("POST", "/requests?wait=30", auth, {"labels": ["debian"]})
+    ask = request_bytes("POST", "/requests?wait=30", auth, ask_for or {"labels": ["debian"]})
 
     async def one_client() -> None:
         http = await Connection.open(url)
@@ -182,6 +183,10 @@ async def hand_outs(
     got = loop.figures()
     got["rps"] = got.pop("per_s")
     return got
+
+
+# Any valid public key: the job's key the "keys" scenario installs on each node.
+BENCH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIXvqDvadsx2yMWY0yG/vacNDvvRsvtv6EO4IlBi/syN bench"
 
 
 def run(quick: bool, with_local: bool) -> dict[str, float]:
@@ -220,6 +225,19 @@ def run(quick: bool, with_local: bool) -> dict[str, float]:
                 print(f"local nodes,  1 client, one job per 0.2 s: {got}", flush=True)
                 for name, value in got.items():
                     figures[f"http_local_c1_{name}"] = value
+                # Hand-outs that change the network policy (a two-node set's peers are
+                # let through) and that install the job's SSH key on the node.
+                for name, ask_for, every in (
+                    ("set2", {"labels": ["debian", "debian"]}, 0.4),
+                    ("keys", {"labels": ["debian"], "ssh_keys": [BENCH_KEY]}, 0.2),
+                ):
+                    got = asyncio.run(
+                        hand_outs(server.url, server.token, 1, 20 if quick else 60,
+                                  release=True, every=every, ask_for=ask_for)
+                    )  # fmt: skip
+                    print(f"local nodes,  1 client, {name}: {got}", flush=True)
+                    for figure, value in got.items():
+                        figures[f"http_local_{name}_c1_{figure}"] = value
             finally:
                 server.stop()
     return figures

@@ -90,11 +90,18 @@ class ApiClient:
     # ---------------------------------------------------------- requests
 
     def request_nodes(
-        self, labels: Sequence[str], timeout: float, requestor: str = "", priority: int = 0
+        self,
+        labels: Sequence[str],
+        timeout: float,
+        requestor: str = "",
+        priority: int = 0,
+        ssh_keys: Sequence[str] = (),
     ) -> list[NodeRow]:
-        """Ask for a node set and wait (long-poll) up to `timeout` seconds for it."""
+        """Ask for a node set and wait (long-poll) up to `timeout` seconds for it;
+        `ssh_keys` may log in to its nodes."""
         give_up = time.monotonic() + timeout
-        body = {"labels": list(labels), "requestor": requestor, "priority": priority}
+        body: dict[str, Any] = {"labels": list(labels), "requestor": requestor}
+        body.update(priority=priority, ssh_keys=list(ssh_keys))
         body["timeout"] = max(timeout, 0.001)
         request = self.call(
             "POST", "/requests", params={"wait": min(timeout, POLL_SLICE)}, json=body

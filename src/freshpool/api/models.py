@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from freshpool.config import NAME_PATTERN
+from freshpool.core.sshkeys import KEY_PATTERN, MAX_KEY_LENGTH, check_public_key
 from freshpool.drivers.base import SshAccess
 from freshpool.drivers.ssh import paste_command
 from freshpool.store import BuildRow, EventRow, NodeRow, RequestRow
@@ -28,6 +29,18 @@ def _a_number(value: Any) -> Any:
 
 
 Number = BeforeValidator(_a_number)
+SshPublicKey = Annotated[
+    str,
+    AfterValidator(check_public_key),
+    # The schema shows the pattern the check enforces; the check says what is wrong.
+    Field(
+        max_length=MAX_KEY_LENGTH,
+        json_schema_extra={"pattern": KEY_PATTERN},
+        examples=[
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIXvqDvadsx2yMWY0yG/vacNDvvRsvtv6EO4IlBi/syN"
+        ],
+    ),
+]
 
 
 class Problem(BaseModel):
@@ -46,9 +59,18 @@ class Access(BaseModel):
     host: str
     port: int
     user: str
-    key_path: str
+    key_path: str = Field(description="The pool's key for the node, on the server's host.")
     known_hosts_path: str
-    ssh: str = Field(description="A command a person can paste.")
+    host_keys: list[str] = Field(
+        [], description="The node's SSH host public keys, for a remote client to pin."
+    )
+    public_host: str | None = Field(
+        None,
+        description="Where a client on another machine reaches the node's sshd"
+        " (the provider's network.publish), with public_port; None if not published.",
+    )
+    public_port: int | None = None
+    ssh: str = Field(description="A command a person can paste (on the server's host).")
 
 
 class NodeOut(BaseModel):

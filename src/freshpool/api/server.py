@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 
 import uvicorn
 from starlette.types import ASGIApp
 
+from freshpool.config import ApiTls
 from freshpool.core.errors import Unavailable
 
 log = logging.getLogger("freshpool.api")
@@ -41,17 +43,30 @@ def bind(listen: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
+def check_tls(tls: ApiTls | None) -> None:
+    """Load the certificate and key once up front, so a bad file is an error at start."""
+    if tls is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenError(
+            f"api.tls: cannot use cert {tls.cert} with key {tls.key}: {exc}"
+        ) from None
+
+
+def url_of(sock: socket.socket, tls: ApiTls | None = None) -> str:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
 
 class ApiServer:
-    def __init__(self, app: ASGIApp, sock: socket.socket) -> None:
+    def __init__(self, app: ASGIApp, sock: socket.socket, tls: ApiTls | None = None) -> None:
         self.app = app
         self.sock = sock
-        self.url = url_of(sock)
+        self.tls = tls
+        self.url = url_of(sock, tls)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -65,6 +80,8 @@ class ApiServer:
             # Long-polls and event streams must not hold up a stop.
             timeout_graceful_shutdown=1,
             timeout_keep_alive=30,
+            ssl_certfile=self.tls.cert if self.tls else None,
+            ssl_keyfile=self.tls.key if self.tls else None,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

@@ -6,7 +6,7 @@ Both return store rows, so every command prints the same whichever way it went.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Protocol
@@ -33,7 +33,9 @@ UrlOpt = Annotated[
 
 
 class Backend(Protocol):
-    def acquire(self, labels: list[str], timeout: float) -> list[NodeRow]: ...
+    def acquire(
+        self, labels: list[str], timeout: float, ssh_keys: Sequence[str] = ()
+    ) -> list[NodeRow]: ...
     def release(self, node_id: int, why: str) -> list[NodeRow]: ...
     def hold(self, node_id: int) -> NodeRow: ...
     def delete(self, node_id: int) -> NodeRow: ...
@@ -46,10 +48,12 @@ class StoreBackend:
     def __init__(self, config: Config, store: Store) -> None:
         self.config, self.store = config, store
 
-    def acquire(self, labels: list[str], timeout: float) -> list[NodeRow]:
+    def acquire(
+        self, labels: list[str], timeout: float, ssh_keys: Sequence[str] = ()
+    ) -> list[NodeRow]:
         from freshpool.dispatch import direct
 
-        return direct.acquire(self.config, self.store, labels, timeout)
+        return direct.acquire(self.config, self.store, labels, timeout, ssh_keys=ssh_keys)
 
     def release(self, node_id: int, why: str) -> list[NodeRow]:
         return self.store.release_set(node_id, why)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -38,13 +39,21 @@ if TYPE_CHECKING:
 def acquire(
     label: Annotated[str, typer.Argument(help="The label of node to take.")],
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a ready node.")] = 300.0,
+    ssh_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ssh-key",
+            help="A public key (or a .pub file) that may log in to the node; repeatable.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     config_path: ConfigOpt = None,
     url: UrlOpt = None,
 ) -> None:
     """Take a ready node for one job. It is yours alone; release it when done."""
+    keys = [_key_text(k) for k in ssh_key or []]
     with backend(config_path, url) as pool:
-        (node,) = pool.acquire([label], timeout)
+        (node,) = pool.acquire([label], timeout, keys)
     if as_json:
         out.print_json(json.dumps(node_json(node)))
         return
@@ -200,3 +209,11 @@ def show(
             e.reason,
         )
     out.print(table)
+
+
+def _key_text(given: str) -> str:
+    """--ssh-key's value: a key itself, or a file holding one (~/.ssh/id_ed25519.pub)."""
+    path = Path(given).expanduser()
+    if " " not in given and path.is_file():
+        return path.read_text().strip()
+    return given

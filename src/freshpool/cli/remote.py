@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from freshpool.api.client import ApiClient, ApiError, RequestFailed
@@ -16,9 +16,13 @@ class ApiBackend:
     def __init__(self, url: str, token: str | None) -> None:
         self.client = ApiClient(url, token)
 
-    def acquire(self, labels: list[str], timeout: float) -> list[NodeRow]:
+    def acquire(
+        self, labels: list[str], timeout: float, ssh_keys: Sequence[str] = ()
+    ) -> list[NodeRow]:
         try:
-            return _cli_errors(self.client.request_nodes)(labels, timeout, requestor=requestor())
+            return _cli_errors(self.client.request_nodes)(
+                labels, timeout, requestor=requestor(), ssh_keys=ssh_keys
+            )
         except RequestFailed as exc:
             reason = exc.request.get("reason", "")
             raise AcquireTimeout(

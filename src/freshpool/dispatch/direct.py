@@ -19,6 +19,7 @@ from freshpool.config import Config
 from freshpool.core.errors import AcquireTimeout, BadInput, NothingToServe, StaleState
 from freshpool.core.nodesets import check
 from freshpool.core.placement import Clocks
+from freshpool.core.sshkeys import check_public_key
 from freshpool.core.states import RequestState
 from freshpool.dispatch.scheduler import Planning
 from freshpool.store import HandOut, NewRequest, NodeRow, RequestRow, Store, queue_only
@@ -38,11 +39,19 @@ def acquire(
     timeout: float,
     who: str | None = None,
     priority: int = 0,
+    ssh_keys: Sequence[str] = (),
 ) -> list[NodeRow]:
-    """Wait up to `timeout` seconds for one ready node per label, all from one provider."""
+    """Wait up to `timeout` seconds for one ready node per label, all from one provider;
+    `ssh_keys` may log in to them (checked here: a bad one is BadInput)."""
     _check(config, store, labels)
+    try:
+        keys = tuple(check_public_key(k) for k in ssh_keys)
+    except ValueError as exc:
+        raise BadInput(f"ssh key: {exc}") from None
     deadline = time.time() + timeout
-    new = NewRequest(tuple(labels), who or requestor(), priority=priority, deadline=deadline)
+    new = NewRequest(
+        tuple(labels), who or requestor(), priority=priority, deadline=deadline, ssh_keys=keys
+    )
     planning = Planning(config)
     watcher = store.change_watcher()
     try:
@@ -83,8 +92,7 @@ def _pass(config: Config, store: Store, planning: Planning, new: list[NewRequest
     if launcherlock.serve_runs(config.state_dir):
         return store.hand_out(new, queue_only, [])
     done = store.hand_out(new, planning.planner(Clocks()), planning.providers)
-    planning.join_sets(store, done)
-    return done
+    return planning.hand_over(store, done) if planning.to_hand_over(done) else done
 
 
 def _look(

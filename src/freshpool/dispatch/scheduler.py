@@ -36,6 +36,7 @@ from freshpool.core.nodesets import providers_serving
 from freshpool.core.placement import Clocks, FairShare, Placement, place
 from freshpool.dispatch.waiters import Waiters
 from freshpool.drivers.local.network import set_joiners
+from freshpool.drivers.ssh import SshAccess, authorize_keys
 from freshpool.store import (
     HandOut,
     NewRequest,
@@ -78,19 +79,44 @@ class Planning:
     def planner(self, clocks: Clocks) -> Planned:
         return Planned(self, clocks)
 
-    def join_sets(self, store: Store, done: HandOut) -> None:
-        """Let the nodes of each node set just handed out reach each other (and no other
-        node: the network policy's default). Before the answer goes out, so a job
-        never finds its peers unreachable. A failure is logged; the launcher's leak
-        sweep puts the rules right."""
+    @staticmethod
+    def to_hand_over(done: HandOut) -> bool:
+        """Whether some set just handed out needs work before its answer goes out."""
+        return any(r.ssh_keys or len(n) > 1 for r, n in done.fulfilled.values())
+
+    def hand_over(self, store: Store, done: HandOut) -> HandOut:
+        """Make each set just handed out ready for its job, before the answer goes out.
+
+        Its nodes reach each other (and no other node: the network policy's default);
+        a failure there is logged, and the launcher's leak sweep puts the rules right.
+        The job's SSH keys go on every node; a set that cannot take them is cancelled
+        (its nodes deleted) rather than handed over without them. Returns `done` as
+        the job sees it.
+        """
+        failed: dict[int, str] = {}
         for request, nodes in done.fulfilled.values():
             join = self._joiners.get(nodes[0].provider) if len(nodes) > 1 else None
-            if join is None:
-                continue
-            try:
-                join(store.cluster_id, [n.access["host"] for n in nodes if n.access])
-            except Exception:
-                log.exception("request %s: letting its nodes reach each other failed", request.id)
+            if join is not None:
+                try:
+                    join(store.cluster_id, [n.access["host"] for n in nodes if n.access])
+                except Exception:
+                    log.exception("request %s: letting its nodes reach each other failed",
+                                  request.id)  # fmt: skip
+            if request.ssh_keys:
+                why = _authorize(request.ssh_keys, nodes)
+                if why:
+                    failed[request.id] = why
+        if not failed:
+            return done
+        for request_id, why in failed.items():
+            log.warning("request %s: %s", request_id, why)
+            with contextlib.suppress(StaleState):
+                store.cancel_request(request_id, why)
+        return HandOut(
+            [store.request(r.id) if r.id in failed else r for r in done.created],
+            {rid: got for rid, got in done.fulfilled.items() if rid not in failed},
+            done.pending,
+        )
 
 
 @dataclass
@@ -201,7 +227,8 @@ class Scheduler:
                 continue
             busy = 0
             self.passes += 1
-            self.planning.join_sets(self.store, done)
+            if self.planning.to_hand_over(done):
+                done = await asyncio.to_thread(self.planning.hand_over, self.store, done)
             for (_, future), row in zip(inbox, done.created, strict=True):
                 # Done already: the client went away; its request stays stored.
                 if not future.done():
@@ -246,3 +273,13 @@ class Scheduler:
     def _poke(self) -> None:
         if self._due is not None:
             self._due.set()
+
+
+def _authorize(keys: Sequence[str], nodes: Sequence[NodeRow]) -> str | None:
+    """Why the job's keys could not go on its nodes, or None once they are on all."""
+    missing = [n.id for n in nodes if not n.access]
+    if missing:
+        return f"nodes {missing} have no SSH access to install the job's keys with"
+    errors = authorize_keys([SshAccess(**n.access) for n in nodes if n.access], keys)
+    bad = [f"node {n.id}: {e}" for n, e in zip(nodes, errors, strict=True) if e]
+    return "cannot install the job's SSH keys: " + "; ".join(bad) if bad else None

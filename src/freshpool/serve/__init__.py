@@ -44,7 +44,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from freshpool.api.server import bind, url_of
+from freshpool.api.server import bind, check_tls, url_of
 from freshpool.config import Config
 from freshpool.launcher import Runner
 from freshpool.serve.supervisor import ApiProcess, StartError
@@ -75,6 +75,7 @@ def start(config: Config, runner: Runner, port: int | None = None) -> Running:
     """
     listener = None
     if config.api.enabled:
+        check_tls(config.api.tls)
         listener = bind(config.api.listen, config.api.port if port is None else port)
     api = ApiProcess(config, listener, wake=runner.wake)
     try:
@@ -86,7 +87,7 @@ def start(config: Config, runner: Runner, port: int | None = None) -> Running:
     runner.after_pass.append(api.after_pass)
     url = url_file = None
     if listener is not None:
-        url = url_of(listener)
+        url = url_of(listener, config.api.tls)
         # Where clients on this host (and tests using port 0) find the API.
         url_file = config.state_dir / URL_FILE
         url_file.write_text(url + "\n")

@@ -71,7 +71,7 @@ class Serving:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         if listener is not None:
-            self.server = ApiServer(create_app(self.services), listener)
+            self.server = ApiServer(create_app(self.services), listener, config.api.tls)
             self.server.start()
         else:
             self._thread = threading.Thread(target=self._alone, name="scheduler", daemon=True)

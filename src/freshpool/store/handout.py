@@ -52,6 +52,7 @@ class NewRequest:
     tenant: str = ""
     priority: int = 0
     deadline: float | None = None
+    ssh_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def _insert(conn: Connection, new: Sequence[NewRequest], now: float) -> list[Req
             "created_at": now,
             "state_at": now,
             "deadline": r.deadline,
+            "ssh_keys": list(r.ssh_keys) or None,
         }
         for r in new
     ]
@@ -155,6 +157,7 @@ def _insert(conn: Connection, new: Sequence[NewRequest], now: float) -> list[Req
             created_at=now,
             state_at=now,
             deadline=r.deadline,
+            ssh_keys=list(r.ssh_keys) or None,
         )
         for request_id, r in zip(ids, new, strict=True)
     ]

@@ -35,6 +35,7 @@ class RequestRow:
     deadline: float | None
     provider: str | None = None
     fulfilled_at: float | None = None
+    ssh_keys: list[str] | None = None
 
 
 # Pending requests, oldest first: the queue every scheduler pass reads.

@@ -69,6 +69,8 @@ requests = Table(
     Column("deadline", Float),
     Column("provider", String(64)),
     Column("fulfilled_at", Float),
+    # The job's SSH public keys, for its nodes' authorized_keys (None: none given).
+    Column("ssh_keys", JSON),
     sqlite_autoincrement=True,
 )
 Index("ix_requests_state", requests.c.state, requests.c.created_at)

@@ -16,11 +16,20 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import Field, create_model
 
 from freshpool.api.auth import Caller, Reader, Svc, Writer
-from freshpool.api.models import ErrorOut, In, NodeOut, Number, RequestOut, TenantName
+from freshpool.api.models import (
+    ErrorOut,
+    In,
+    NodeOut,
+    Number,
+    RequestOut,
+    SshPublicKey,
+    TenantName,
+)
 from freshpool.api.routes.nodes import MAX_ID, out
 from freshpool.api.routes.querycheck import QueryCheckedRoute
 from freshpool.api.services import Services
 from freshpool.core.errors import NotFound
+from freshpool.core.sshkeys import MAX_KEYS
 from freshpool.core.states import RequestState
 from freshpool.store import NewRequest, RequestRow
 
@@ -67,6 +76,15 @@ def request_model(labels: list[str], most: int) -> type[In]:
         priority=(
             Annotated[int, Number],
             Field(0, ge=-1000, le=1000, description="Higher is served first."),
+        ),
+        ssh_keys=(
+            list[SshPublicKey],
+            Field(
+                [],
+                max_length=MAX_KEYS,
+                description="The job's SSH public keys: each node of the set lets them log"
+                " in as its user from the hand-out on (they are never in the image).",
+            ),
         ),
         timeout=(
             Annotated[float, Field(gt=0, le=7 * 86400), Number] | None,
@@ -120,6 +138,7 @@ class Asked(Protocol):
     requestor: str
     tenant: str | None
     priority: int
+    ssh_keys: list[str]
     timeout: float | None
 
 
@@ -148,6 +167,7 @@ async def create_request(svc: Services, who: Caller, body: Asked, wait: float) -
         tenant=tenant or "",
         priority=body.priority,
         deadline=time.time() + seconds,
+        ssh_keys=tuple(body.ssh_keys),
     )
     row, nodes = await svc.scheduler.submit(ask)
     if wait > 0 and row.state == RequestState.PENDING:
