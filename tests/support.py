@@ -37,14 +37,17 @@ def pool_yaml(
     extra_label: str = "",
     extra: str = "",
     images: str = "  - name: debian-bookworm",
+    network: str = "",
 ) -> str:
     """A config for a real local pool in its own state dir and its own /24.
 
     `extra` is more top-level YAML. The API listens on a free port unless `extra`
     has an api: section (`freshpool serve` writes the URL to <state-dir>/api.url).
-    `images` replaces the entries of the images section (YAML indented by two).
+    `images` replaces the entries of the images section (YAML indented by two);
+    `network` adds keys to the provider's network section ("host-ports: [9989]").
     """
     n = next(_subnets)
+    network_lines = "".join(f"      {line}\n" for line in network.splitlines())
     if not extra.lstrip().startswith("api:") and "\napi:" not in extra:
         extra = "api:\n  port: 0\n" + extra
     return f"""
@@ -56,7 +59,7 @@ providers:
     max-nodes: {max_nodes}
     network:
       subnet: 10.{_SECOND_OCTET}.{n}.0/24
-labels:
+{network_lines}labels:
   - name: debian
     image: debian-bookworm
     min-ready: {min_ready}

@@ -70,6 +70,9 @@ class Access(BaseModel):
         " (the provider's network.publish), with public_port; None if not published.",
     )
     public_port: int | None = None
+    host_from_node: str | None = Field(
+        None, description="The host's address as the node sees it (where network.host-ports are)."
+    )
     ssh: str = Field(description="A command a person can paste (on the server's host).")
 
 

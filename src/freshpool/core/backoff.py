@@ -64,3 +64,5 @@ FAILED_BUILD = Backoff(base=300.0, cap=6 * 3600.0, jitter=False)
 CONTROLLER = Backoff(base=1.0, cap=60.0)
 # The API process died young: the next one starts after this long.
 API_RESTART = Backoff(base=1.0, cap=30.0, jitter=False)
+# A CI server (or freshpool's API, seen from an integration) that failed or was busy.
+CI_SERVER = Backoff(base=0.5, cap=60.0)

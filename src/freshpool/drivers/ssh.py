@@ -29,6 +29,8 @@ class SshAccess:
     # Where a client on another machine reaches the node's sshd, if it is published.
     public_host: str | None = None
     public_port: int | None = None
+    # The host's address as the node sees it: where the provider's host-ports are.
+    host_from_node: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +42,7 @@ class SshAccess:
             "host_keys": list(self.host_keys),
             "public_host": self.public_host,
             "public_port": self.public_port,
+            "host_from_node": self.host_from_node,
         }
 
 

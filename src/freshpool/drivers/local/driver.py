@@ -417,10 +417,11 @@ class LocalDriver(HostNodeDriver[_Launch, NodeRecord]):
     def _instance(self, record: NodeRecord, alive: bool) -> Instance:
         paths = self._paths(record.external_id)
         known = str(paths.known_hosts)
-        published = self.network.published(record.ip) or (None, None)
+        public_host, public_port = self.network.published(record.ip) or (None, None)
         access = SshAccess(
-            record.ip, 22, record.user, str(paths.key), known, host_keys_in(known), *published
-        )
+            record.ip, 22, record.user, str(paths.key), known, host_keys_in(known),
+            public_host, public_port, host_from_node=str(self.network.gateway),
+        )  # fmt: skip
         details: dict[str, Any] = {
             "ip": record.ip,
             "hostname": record.hostname,

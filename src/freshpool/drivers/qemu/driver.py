@@ -40,7 +40,13 @@ from freshpool.drivers.qemu.accel import AccelCache, AccelChoice, kvm_usable
 from freshpool.drivers.qemu.commit import commit_running, commit_steps
 from freshpool.drivers.qemu.configdrive import config_drive
 from freshpool.drivers.qemu.images import VmImages
-from freshpool.drivers.qemu.machine import PROCESS_NAME, QEMU, free_loopback_port, qemu_argv
+from freshpool.drivers.qemu.machine import (
+    GUEST_HOST,
+    PROCESS_NAME,
+    QEMU,
+    free_loopback_port,
+    qemu_argv,
+)
 from freshpool.drivers.qemu.power import PowerButton
 from freshpool.drivers.qemu.records import QMP_SOCKET, NodePaths, NodeRecord
 from freshpool.drivers.qemu.vmbase import VmBase
@@ -456,7 +462,7 @@ class QemuDriver(HostNodeDriver[_Launch, NodeRecord]):
         known = str(paths.known_hosts)
         access = SshAccess(
             "127.0.0.1", record.port, record.user, str(paths.key), known, host_keys_in(known),
-            *self._published(record.port),
+            *self._published(record.port), host_from_node=GUEST_HOST,
         )  # fmt: skip
         details: dict[str, Any] = {
             "accel": record.accel,
