@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -17,6 +17,7 @@ from freshpool.config.models import Config
 from freshpool.core.errors import BadInput
 
 DEFAULT_CONFIG_PATH = Path("freshpool.yaml")
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,21 @@ def load(path: Path | None = None) -> Config:
 
 
 def parse(text: str, source: str = "<string>") -> Config:
+    config, tree = parse_model(text, source, Config)
+    problems = config.cross_check()
+    if problems:
+        raise ConfigError(
+            [
+                ConfigProblem(source, _line_of(tree, list(loc)), _dotted(list(loc)), message)
+                for loc, message in problems
+            ]
+        )
+    return config
+
+
+def parse_model(text: str, source: str, model: type[M]) -> tuple[M, Any]:
+    """`text` (YAML) validated as `model`, and its YAML tree (for `line_of`); a
+    ConfigError naming the file, line and key of each problem otherwise."""
     try:
         tree = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
@@ -78,18 +94,20 @@ def parse(text: str, source: str = "<string>") -> Config:
     if not isinstance(tree, dict):
         raise ConfigError([ConfigProblem(source, 1, "", "expected a mapping of settings")])
     try:
-        config = Config.model_validate(_plain(tree))
+        return model.model_validate(_plain(tree)), tree
     except ValidationError as exc:
         raise ConfigError([_problem(source, tree, err) for err in exc.errors()]) from None
-    problems = config.cross_check()
-    if problems:
-        raise ConfigError(
-            [
-                ConfigProblem(source, _line_of(tree, list(loc)), _dotted(list(loc)), message)
-                for loc, message in problems
-            ]
-        )
-    return config
+
+
+def load_model(path: Path, model: type[M]) -> tuple[M, Any]:
+    """The settings file at `path` (an integration's, say) validated as `model`."""
+    source, text = resolve_path(path)
+    return parse_model(text, source, model)
+
+
+def line_of(tree: Any, loc: list[Any]) -> int | None:
+    """The 1-based line of the deepest key in `loc` that exists in the YAML tree."""
+    return _line_of(tree, loc)
 
 
 def _plain(node: Any) -> Any:

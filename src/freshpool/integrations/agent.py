@@ -10,6 +10,7 @@ machine (then it uses each node's published address).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import shutil
@@ -51,6 +52,16 @@ class JobKey:
             check=True, stdin=subprocess.DEVNULL, capture_output=True,
         )  # fmt: skip
         self.public = self.path.with_suffix(".pub").read_text().strip()
+
+    @classmethod
+    def at(cls, directory: Path) -> JobKey:
+        """The key another process of the same job made (a CI system that runs each
+        stage as a process of its own: GitLab's custom executor)."""
+        key = cls.__new__(cls)
+        key.dir = directory
+        key.path = directory / "id_ed25519"
+        key.public = key.path.with_suffix(".pub").read_text().strip()
+        return key
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -97,6 +108,7 @@ class Lease:
         self.client = client
         self.integration = integration
         self.key = key
+        self.rows = list(nodes)
         self.nodes = [LeasedNode(n, _reach(n, key)) for n in nodes]
         self._agents: list[subprocess.Popen[bytes]] = []
         self._released = False
@@ -132,6 +144,15 @@ class Lease:
         lease = cls(client, integration, nodes, key)
         log.info("%s: nodes %s for %s", integration, lease.node_ids, ", ".join(labels))
         return lease
+
+    def save(self) -> dict[str, Any]:
+        """What `restore` needs to take the lease up in another process."""
+        return {"key_dir": str(self.key.dir), "nodes": [dataclasses.asdict(n) for n in self.rows]}
+
+    @classmethod
+    def restore(cls, client: ApiClient, integration: str, saved: dict[str, Any]) -> Lease:
+        nodes = [NodeRow(**n) for n in saved["nodes"]]
+        return cls(client, integration, nodes, JobKey.at(Path(saved["key_dir"])))
 
     @property
     def node_ids(self) -> list[int]:
