@@ -6,7 +6,8 @@ self-hosted runners (list with `Link` pagination, get, delete with 422 while bus
 `generate-jitconfig` (201, a runner registration and `encoded_jit_config`), runner
 groups, workflow runs and their jobs, one job, and `workflow_job` webhooks signed with
 `X-Hub-Signature-256` and carrying `X-GitHub-Delivery`. Bearer tokens are checked
-(401 `Bad credentials` otherwise) and a spent rate limit can be played (403 with
+(401 `Bad credentials` otherwise), a GitHub App's RS256 JWT is verified and traded for
+an installation token and a spent rate limit can be played (403 with
 `x-ratelimit-remaining: 0` and `retry-after`).
 
 Not public, so replaced: the Actions service a runner talks to once registered. The
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import jwt
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -110,6 +112,10 @@ class FakeGithub:
         self.rate_limited = 0  # answer this many next calls with a spent rate limit
         self.ids = itertools.count(1001)
         self.url = ""
+        # A GitHub App: its id, its public key, and the installation tokens it was given.
+        self.app_id: str | None = None
+        self.app_public_key: Any = None
+        self.installation_tokens: set[str] = set()
         self.lock = threading.RLock()
         self.app = self._routes()
 
@@ -159,7 +165,12 @@ class FakeGithub:
             self.requests.append((request.method, path))
             if path.startswith("/_fake/"):
                 return await call_next(request)  # type: ignore[no-any-return]
-            if request.headers.get("authorization") != f"Bearer {self.token}":
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if path.endswith("/installation") or path.startswith("/app/"):
+                if not self._valid_app_jwt(given):
+                    return JSONResponse({"message": "A JSON web token could not be decoded"}, 401)
+                return await call_next(request)  # type: ignore[no-any-return]
+            if given != self.token and given not in self.installation_tokens:
                 return JSONResponse({"message": "Bad credentials"}, 401)
             if self.rate_limited > 0:
                 self.rate_limited -= 1
@@ -169,6 +180,7 @@ class FakeGithub:
                 )  # fmt: skip
             return await call_next(request)  # type: ignore[no-any-return]
 
+        self._app_routes(app)
         self._runner_routes(app)
         self._job_routes(app)
         self._broker_routes(app)
@@ -185,6 +197,30 @@ class FakeGithub:
             nxt = request.url.replace_query_params(**query)
             headers["Link"] = f'<{nxt}>; rel="next"'
         return JSONResponse({"total_count": len(items), key: chunk}, headers=headers)
+
+    def _valid_app_jwt(self, token: str) -> bool:
+        if self.app_public_key is None:
+            return False
+        try:
+            claims = jwt.decode(token, self.app_public_key, algorithms=["RS256"],
+                                options={"require": ["iat", "exp", "iss"]})  # fmt: skip
+        except jwt.PyJWTError:
+            return False
+        # GitHub refuses a JWT meant to live longer than ten minutes.
+        return str(claims["iss"]) == self.app_id and claims["exp"] - claims["iat"] <= 600
+
+    def _app_routes(self, app: FastAPI) -> None:
+        @app.get(SCOPE + "/installation")
+        def installation() -> Response:
+            return JSONResponse({"id": 42, "app_id": self.app_id})
+
+        @app.post("/app/installations/{installation_id}/access_tokens")
+        def access_token(installation_id: int) -> Response:
+            if installation_id != 42:
+                return JSONResponse({"message": "Not Found"}, 404)
+            token = "ghs_" + secrets.token_hex(18)
+            self.installation_tokens.add(token)
+            return JSONResponse({"token": token, "expires_at": stamp(time.time() + 3600)}, 201)
 
     def _runner_routes(self, app: FastAPI) -> None:
         @app.get(SCOPE + "/actions/runners")

@@ -7,11 +7,15 @@ policy and `freshpool github serve` are real.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.api.conftest import wait_for
 from tests.integrations.github.conftest import (
@@ -156,6 +160,31 @@ def test_check_names_what_github_refused(integration: Callable[..., Integration]
     bad = freshpool_github("check", "-c", str(it.config))
     assert bad.returncode != 0
     assert "reconcile-interval" in bad.stderr and "github.yaml:" in bad.stderr, bad.stderr
+
+
+def test_a_github_app_authenticates_with_installation_tokens(
+    integration: Callable[..., Integration], tmp_path: Path
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())  # fmt: skip
+    key_file = tmp_path / "app.pem"
+    key_file.write_bytes(pem)
+    it = integration(serve=False)
+    it.github.app_id, it.github.app_public_key = "123456", key.public_key()
+    settings = json.loads(it.config.read_text())
+    app = {"app-id": "123456", "private-key-file": str(key_file)}
+    settings["github"] = {"repository": "octo-org/octo-repo", "api-url": it.github.url, "app": app}
+    it.config.write_text(json.dumps(settings))
+    good = freshpool_github("check", "-c", str(it.config))
+    assert good.returncode == 0, good.stderr
+    assert len(it.github.installation_tokens) == 1  # runners were read with it
+
+    # Another App's key: GitHub refuses the JWT, and the error says which settings.
+    it.github.app_public_key = rsa.generate_private_key(65537, 2048).public_key()
+    refused = freshpool_github("check", "-c", str(it.config))
+    assert refused.returncode != 0
+    assert "github.app" in refused.stderr and "123456" in refused.stderr, refused.stderr
 
 
 LIVE = os.environ.get("FRESHPOOL_GITHUB_LIVE_CONFIG")
