@@ -4,7 +4,7 @@ In master.cfg:
 
     from freshpool.integrations.buildbot import FreshpoolLatentWorker
     c["workers"] = [
-        FreshpoolLatentWorker(f"fp-{i}", url="http://127.0.0.1:8780", label="debian")
+        FreshpoolLatentWorker(f"fp-{i}", url="http://127.0.0.1:8005", label="debian")
         for i in range(8)
     ]
 
