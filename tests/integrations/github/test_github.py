@@ -56,7 +56,7 @@ def test_each_job_runs_on_its_own_fresh_node_and_leaves_nothing_behind(
     assert len(runners) == 3 and all(r and r.startswith("freshpool-") for r in runners)
 
     # Nodes released (so destroyed) and every registration gone from GitHub.
-    wait_for(lambda: not it.nodes_in_use(), 60, "no node in use")
+    wait_for(lambda: not it.nodes_in_use(), 120, "no node in use")
     wait_for(lambda: not it.github.runners, 60, "no runner registered")
     status = it.status()
     assert status["jobs_served"] == 3

@@ -198,6 +198,12 @@ class Fleet:
 
     # -------------------------------------------------------------- demand
 
+    def waiting(self, labels: Labels, but: int) -> int:
+        """Runners of `labels` other than `but` that could still take a job."""
+        with self.lock:
+            return sum(1 for key, r in self.runners.items() if key != but
+                       and r.labels == labels and r.state in ("starting", "idle"))  # fmt: skip
+
     def demand(self) -> dict[Labels, int]:
         """Runners to start, per exact label set: queued jobs minus the runners of that
         set that could still take one (starting or idle), within max-runners."""

@@ -57,7 +57,7 @@ class Launcher:
 
     def _life(self, key: int, labels: Labels, outcome: Outcome) -> None:
         try:
-            if not self._still_queued(labels):
+            if not self._still_queued(key, labels):
                 return
             lease = self._connected_lease(key, labels)
             outcome(labels, lease is not None)
@@ -69,9 +69,12 @@ class Launcher:
         finally:
             self.fleet.drop_runner(key)
 
-    def _still_queued(self, labels: Labels) -> bool:
-        """Whether the oldest queued job of the set still waits, asked of GitHub itself:
-        a webhook or listing may be minutes old, and a node is not taken for nothing."""
+    def _still_queued(self, key: int, labels: Labels) -> bool:
+        """Whether a job of the set still waits with no other runner of ours to take it,
+        asked of GitHub itself: a webhook or listing may be minutes old (a job another
+        runner already took still shows queued here), and a node is not taken for nothing."""
+        others = self.fleet.waiting(labels, but=key)
+        confirmed = 0
         for job in self.fleet.queued().get(labels, []):
             try:
                 now = self.api.job(job.repo, job.id)
@@ -79,7 +82,10 @@ class Launcher:
                 log.warning("github: job %d: cannot re-check: %s", job.id, exc)
                 return False
             if now is not None and now.get("status") == "queued":
-                return True
+                confirmed += 1
+                if confirmed > others:
+                    return True
+                continue
             log.info("github: job %d is no longer queued (%s)", job.id,
                      now.get("status") if now else "gone")  # fmt: skip
             self.fleet.forget(job.id)
