@@ -53,4 +53,6 @@ def test_a_worker_that_dies_before_connecting_fails_fast_and_its_node_goes(
         60,
         "the dead worker's nodes deleted",
     )
-    assert m.get("builds", complete="true") == []
+    # No build ran: one that ended did so as Buildbot's EXCEPTION (4) or RETRY (5).
+    ended = m.get("builds", complete="true")
+    assert all(b["results"] in (4, 5) for b in ended), ended
