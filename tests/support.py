@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -156,3 +157,15 @@ def fulfil(store: Store, request_id: int, providers: list[str]) -> list[NodeRow]
     if state != RequestState.PENDING:
         raise StaleState(f"request {request_id} is {state}, not pending")
     return None
+
+
+def stop_group(process: subprocess.Popen[Any], grace: float = 60) -> None:
+    """End a process started with `start_new_session` and everything it started: TERM,
+    then KILL after `grace` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

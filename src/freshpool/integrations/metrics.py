@@ -1,5 +1,5 @@
-"""What each integration counts, labelled by integration (buildbot, github, gitlab,
-jenkins); exported by whichever process runs the integration, from the default registry."""
+"""What each integration counts, labelled by integration (buildbot, github, gitlab);
+exported by whichever process runs the integration, from the default registry."""
 
 from __future__ import annotations
 

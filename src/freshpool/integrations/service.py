@@ -1,5 +1,5 @@
-"""The HTTP face of a long-running integration process (`freshpool github serve`,
-`freshpool jenkins serve`): /metrics for Prometheus and /status for people, beside any
+"""The HTTP face of a long-running integration process (`freshpool github serve`):
+/metrics for Prometheus and /status for people, beside any
 route the integration adds (GitHub's webhook)."""
 
 from __future__ import annotations

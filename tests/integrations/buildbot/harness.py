@@ -11,8 +11,6 @@ entry and installed offline by a step.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +27,7 @@ from freshpool.api import tokens
 from freshpool.config import Config
 from freshpool.config import load as load_config
 from freshpool.store import Store
-from tests.support import destroy_cluster, pool_yaml, register_test_image
+from tests.support import destroy_cluster, pool_yaml, register_test_image, stop_group
 
 WORKER_VERSION = "4.3.0"
 LABEL = "buildbot"
@@ -129,13 +127,7 @@ class ServedPool:
         return sum(1 for n in self.store.nodes(["ready"]) if n.label == LABEL)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
         destroy_cluster(self.config, self.store)
         self.store.close()
 
@@ -243,13 +235,7 @@ class Master:
 
     def stop(self) -> None:
         self.http.close()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
 
 
 def node_history(pool: ServedPool) -> dict[str, Any]:

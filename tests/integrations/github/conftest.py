@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ import pytest
 from tests.api.conftest import Served, serve_pool, wait_for  # noqa: F401 - the fixture
 from tests.integrations.buildbot.harness import free_port
 from tests.integrations.github.fake_github import FakeGithub
+from tests.support import stop_group
 
 GITHUB_TOKEN = "ghp_test_" + "x" * 30
 WEBHOOK_SECRET = "it is a secret"
@@ -135,10 +135,5 @@ def launch(it: Integration, tmp_path: Path) -> None:
 
 
 def stop(it: Integration) -> None:
-    if it.process is not None and it.process.poll() is None:
-        os.killpg(it.process.pid, signal.SIGTERM)
-        try:
-            it.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(it.process.pid, signal.SIGKILL)
-            it.process.wait()
+    if it.process is not None:
+        stop_group(it.process)
