@@ -237,13 +237,14 @@ class Lease:
 def wait_until(connected: Callable[[], bool], timeout: float,
                alive: Callable[[], bool] = lambda: True, every: float = 0.2) -> bool:  # fmt: skip
     """Poll `connected()` until it is true (True), or `timeout` passes or `alive()` turns
-    false (False)."""
+    false (False). An agent that exited is asked about once more: one that took its one
+    job and finished between two polls did connect."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if connected():
             return True
         if not alive():
-            return False
+            return connected()
         time.sleep(every)
     return connected()
 

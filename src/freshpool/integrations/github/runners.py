@@ -147,7 +147,11 @@ class Launcher:
         def connected() -> bool:
             if runner.state == "busy" or runner.job_id is not None:
                 return True
-            if time.monotonic() - last[0] < ONLINE_POLL or runner.runner_id is None:
+            if runner.runner_id is None:
+                return False
+            # Throttled while the runner process lives; once it exited, GitHub is asked.
+            alive = runner.lease is None or runner.lease.agents_alive()
+            if alive and time.monotonic() - last[0] < ONLINE_POLL:
                 return False
             last[0] = time.monotonic()
             try:
