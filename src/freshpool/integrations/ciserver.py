@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -15,6 +15,7 @@ from freshpool.core.backoff import CI_SERVER, with_retries
 from freshpool.integrations import metrics
 
 log = logging.getLogger("freshpool.integrations")
+T = TypeVar("T")
 
 # A busy or briefly broken server; anything else (401, 404, 422...) is the caller's to handle.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -98,7 +99,6 @@ class CiServer:
     ) -> httpx.Response:
         """The server's answer to one request. A 2xx answer, or a status in `ok`, is
         returned; a transient failure is retried; anything else raises CiServerError."""
-        waits: list[float] = []
 
         def attempt() -> httpx.Response:
             try:
@@ -113,6 +113,14 @@ class CiServer:
                 retry_after(response),
             )
 
+        return self.guarded(attempt)
+
+    def guarded(self, attempt: Callable[[], T]) -> T:
+        """`attempt()`, tried again with the CI-server backoff (or the server's own
+        Retry-After) while it raises a transient CiServerError, and counted in the
+        server's health; a client library's calls go through here as HTTP calls do."""
+        waits: list[float] = []
+
         def on_retry(number: int, delay: float, exc: Exception) -> None:
             assert isinstance(exc, CiServerError)
             waits.append(max(delay, exc.retry_after))
@@ -123,7 +131,7 @@ class CiServer:
             )  # fmt: skip
 
         try:
-            response = with_retries(
+            result = with_retries(
                 attempt, self.tries, CI_SERVER,
                 retryable=lambda exc: isinstance(exc, CiServerError) and exc.transient,
                 on_retry=on_retry, sleep=lambda _delay: self._sleep(waits[-1]),
@@ -135,7 +143,7 @@ class CiServer:
         self.health.ok_at = time.time()
         self.health.error = ""
         self.health.failing_since = None
-        return response
+        return result
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.call(method, path, **kwargs)

@@ -4,10 +4,13 @@ inline, by an environment variable's name, or in a file."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from freshpool.api.client import ApiClient
 from freshpool.config.base import Model, Seconds
+from freshpool.config.loader import ConfigError, ConfigProblem, line_of
 
 
 def secret(value: str | None, env: str | None, file: Path | None, what: str) -> str | None:
@@ -40,3 +43,16 @@ class FreshpoolSettings(Model):
 
     def client(self) -> ApiClient:
         return ApiClient(self.url, self.resolved_token())
+
+
+def check_secrets(source: str, tree: Any, resolvers: dict[str, Callable[[], object]]) -> None:
+    """Secrets named by environment variable or file must be there at start, not at the
+    first job: each section's resolver is called, and every failure is reported."""
+    problems = []
+    for section, resolve in resolvers.items():
+        try:
+            resolve()
+        except ValueError as exc:
+            problems.append(ConfigProblem(source, line_of(tree, [section]), section, str(exc)))
+    if problems:
+        raise ConfigError(problems)

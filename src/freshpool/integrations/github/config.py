@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from freshpool.config.base import Model, Seconds
-from freshpool.config.loader import ConfigError, ConfigProblem, line_of, load_model
-from freshpool.integrations.settings import FreshpoolSettings, secret
+from freshpool.config.loader import load_model
+from freshpool.integrations.settings import FreshpoolSettings, check_secrets, secret
 
 # Labels GitHub gives every self-hosted runner: a job asking only for these is anyone's,
 # so a runners entry must be picked by at least one label beyond them.
@@ -176,22 +175,9 @@ class Settings(Model):
 def load(path: Path) -> Settings:
     """The settings in `path`; a ConfigError naming file, line and key otherwise."""
     settings, tree = load_model(path, Settings)
-    _check_secrets(settings, str(path), tree)
+    check_secrets(str(path), tree, {
+        "webhook": settings.webhook.resolved_secret,
+        "github": settings.github.resolved_token,
+        "freshpool": settings.freshpool.resolved_token,
+    })  # fmt: skip
     return settings
-
-
-def _check_secrets(settings: Settings, source: str, tree: Any) -> None:
-    """Secrets named by environment variable or file must be there now, not at the
-    first webhook."""
-    problems = []
-    for loc, resolve in (
-        (["webhook"], settings.webhook.resolved_secret),
-        (["github"], settings.github.resolved_token),
-        (["freshpool"], settings.freshpool.resolved_token),
-    ):
-        try:
-            resolve()
-        except ValueError as exc:
-            problems.append(ConfigProblem(source, line_of(tree, loc), loc[0], str(exc)))
-    if problems:
-        raise ConfigError(problems)
