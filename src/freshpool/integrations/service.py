@@ -1,9 +1,10 @@
 """The HTTP face of a long-running integration process (`freshpool github serve`):
 /metrics for Prometheus and /status for people, beside any
-route the integration adds (GitHub's webhook)."""
+route the integration adds (GitHub's webhook), and the life of the process."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -25,3 +26,20 @@ def integration_app(name: str, status: Callable[[], dict[str, Any]]) -> FastAPI:
         return {"integration": name, **status()}
 
     return app
+
+
+def run(app: FastAPI, host: str, port: int, loop: Callable[[threading.Event], None],
+        stop: threading.Event, teardown: Callable[[], None]) -> None:  # fmt: skip
+    """Serve `app` and run `loop(stop)` beside it until SIGINT/SIGTERM; then `stop` is
+    set, the loop given time to finish its pass, and `teardown()` run."""
+    import uvicorn
+
+    thread = threading.Thread(target=loop, args=(stop,), daemon=True, name=f"{app.title} loop")
+    thread.start()
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        teardown()

@@ -24,7 +24,7 @@ from freshpool.integrations.github.config import Settings
 from freshpool.integrations.github.fleet import Fleet
 from freshpool.integrations.github.reconcile import Reconciler
 from freshpool.integrations.github.runners import Launcher
-from freshpool.integrations.service import integration_app
+from freshpool.integrations.service import integration_app, run
 
 log = logging.getLogger("freshpool.integrations.github")
 
@@ -90,20 +90,8 @@ def build(settings: Settings, log_dir: Path) -> Service:
 
 def serve(settings: Settings, log_dir: Path) -> None:
     """Run until SIGINT/SIGTERM; then idle runners are removed and every node released."""
-    import uvicorn
-
     service = build(settings, log_dir)
-    loop = threading.Thread(target=service.reconciler.run, args=(service.stop,), daemon=True,
-                            name="github-reconcile")  # fmt: skip
-    loop.start()
-    config = uvicorn.Config(service.app, host=settings.webhook.listen, port=settings.webhook.port,
-                            log_level="warning", access_log=False)  # fmt: skip
-    server = uvicorn.Server(config)
-    log.info("github: webhook at http://%s:%d%s", settings.webhook.listen, settings.webhook.port,
-             webhook.PATH)  # fmt: skip
-    try:
-        server.run()
-    finally:
-        service.stop.set()
-        loop.join(timeout=10)
-        service.launcher.stop_all()
+    hook = settings.webhook
+    log.info("github: webhook at http://%s:%d%s", hook.listen, hook.port, webhook.PATH)
+    run(service.app, hook.listen, hook.port, service.reconciler.run, service.stop,
+        service.launcher.stop_all)  # fmt: skip
