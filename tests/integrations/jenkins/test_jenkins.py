@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable
 
 import pytest
 
 from freshpool.integrations.ciserver import CiServerError
-from freshpool.integrations.jenkins.api import parse_secret, queued_label
+from freshpool.integrations.jenkins.api import JenkinsApi, parse_secret, queued_label
+from freshpool.integrations.jenkins.config import JenkinsSettings
 from tests.api.conftest import wait_for
 from tests.integrations.jenkins.conftest import Integration, freshpool_jenkins
 from tests.integrations.jenkins.fake_model import FakeBuild, QueueItem
@@ -185,12 +187,28 @@ def test_the_agent_secret_is_read_from_the_jnlp_file() -> None:
         parse_secret("<html>login</html")
 
 
-LIVE = os.environ.get("FRESHPOOL_JENKINS_LIVE_CONFIG")
+LIVE = all(os.environ.get(v) for v in ("JENKINS_URL", "JENKINS_USER", "JENKINS_TOKEN"))
 
 
-@pytest.mark.skipif(not LIVE, reason="live Jenkins: FRESHPOOL_JENKINS_LIVE_CONFIG names no file")
-def test_live_jenkins_accepts_the_settings() -> None:
-    """Against a real Jenkins, when an operator gives a settings file with credentials:
-    the user and token are accepted and the agents can be listed."""
-    checked = freshpool_jenkins("check", "-c", str(LIVE))
-    assert checked.returncode == 0, checked.stderr
+@pytest.mark.skipif(not LIVE, reason="live Jenkins: set JENKINS_URL, JENKINS_USER, JENKINS_TOKEN")
+def test_live_jenkins_takes_an_agent_through_its_life() -> None:
+    """Against a real Jenkins, when an operator gives its address and a user's token:
+    the calls an agent's life makes (create, secret, take out of its label, delete)
+    are accepted, and the agent is gone afterwards. No build is run."""
+    settings = JenkinsSettings.model_validate({
+        "url": os.environ["JENKINS_URL"], "user": os.environ["JENKINS_USER"],
+        "token-env": "JENKINS_TOKEN"})  # fmt: skip
+    api = JenkinsApi(settings)
+    api.check()
+    name = f"freshpool-live-{secrets.token_hex(4)}"
+    try:
+        api.create_agent(name, "freshpool-live", "freshpool's live test", "/tmp/freshpool-live")
+        assert len(api.secret(name)) >= 32
+        api.take_out(name, "freshpool-live")
+        info = api.computer(name)
+        assert info is not None and info["temporarilyOffline"]
+        labels = {x["name"] for x in info.get("assignedLabels", [])}
+        assert "freshpool-live-used" in labels and "freshpool-live" not in labels, labels
+    finally:
+        api.delete_agent(name)
+    assert api.computer(name) is None
