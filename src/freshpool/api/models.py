@@ -73,6 +73,9 @@ class Access(BaseModel):
     host_from_node: str | None = Field(
         None, description="The host's address as the node sees it (where network.host-ports are)."
     )
+    strict_host_keys: bool = Field(
+        True, description="False when the node's host key could not be pinned (emulated clouds)."
+    )
     ssh: str = Field(description="A command a person can paste (on the server's host).")
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, ByteSize, Field, field_validator, model_validator
 
 from freshpool.config.base import Model, Name, Seconds
+from freshpool.config.clouds import AwsSettings
 from freshpool.config.images import Image, image_parent_problems
 from freshpool.core.errors import UnknownName
 from freshpool.core.nodesets import providers_serving
@@ -192,10 +193,17 @@ class Provider(Model):
     breaker_cooldown: Seconds = 30.0
     sim: SimSettings = SimSettings()
     qemu: QemuSettings = QemuSettings()
+    aws: AwsSettings | None = None
     # Each node's limits where its label sets none (local driver).
     limits: NodeLimits = NodeLimits()
     # All nodes together: launches stop at what the largest label's node leaves room for.
     limits_total: TotalLimits = TotalLimits()
+
+    @model_validator(mode="after")
+    def _cloud_settings(self) -> Provider:
+        if self.driver == "aws" and self.aws is None:
+            raise ValueError("driver aws needs an `aws:` section (region, ami, ...)")
+        return self
 
     def serves(self, label: str) -> bool:
         return self.labels is None or label in self.labels

@@ -31,6 +31,9 @@ class SshAccess:
     public_port: int | None = None
     # The host's address as the node sees it: where the provider's host-ports are.
     host_from_node: str | None = None
+    # False only for nodes of an emulated cloud whose host key cannot be read: the
+    # first key seen is then taken.
+    strict_host_keys: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class SshAccess:
             "public_host": self.public_host,
             "public_port": self.public_port,
             "host_from_node": self.host_from_node,
+            "strict_host_keys": self.strict_host_keys,
         }
 
 
@@ -69,7 +73,7 @@ def ssh_argv(
         "-o",
         f"UserKnownHostsFile={access.known_hosts_path}",
         "-o",
-        "StrictHostKeyChecking=yes",
+        "StrictHostKeyChecking=" + ("yes" if access.strict_host_keys else "accept-new"),
         "-o",
         "IdentitiesOnly=yes",
         "-o",

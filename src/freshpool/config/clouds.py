@@ -1,0 +1,80 @@
+"""The settings of cloud providers (`driver: aws`), under the provider's own key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from freshpool.config.base import Model, Seconds
+
+_AMI = Annotated[str, Field(pattern=r"^ami-[0-9a-f]{8,17}$")]
+
+
+class LaunchTemplate(Model):
+    """An EC2 launch template; what it sets is overridden only by what freshpool must
+    set itself (tags, user data, metadata options, the AMI when `ami` is given)."""
+
+    name: str | None = None
+    id: str | None = None
+    version: str = "$Default"
+
+    @model_validator(mode="after")
+    def _one(self) -> LaunchTemplate:
+        if (self.name is None) == (self.id is None):
+            raise ValueError("give exactly one of `name` or `id`")
+        return self
+
+
+class AwsSettings(Model):
+    """Where and how an `aws` provider launches instances."""
+
+    region: str
+    # A named profile of ~/.aws/config; by default boto3's own search (environment,
+    # instance role...).
+    profile: str | None = None
+    # Another EC2-compatible endpoint (a test server, a VPC endpoint).
+    endpoint_url: str | None = None
+    # The image nodes boot; each label may name its own in `amis`.
+    ami: _AMI | None = None
+    amis: dict[str, _AMI] = {}
+    # t3.medium unless a launch template sets the type.
+    instance_type: str | None = None
+    instance_types: dict[str, str] = {}
+    subnet_id: str | None = None
+    security_group_ids: list[str] = []
+    launch_template: LaunchTemplate | None = None
+    # GiB of the root volume (gp3), when the AMI's default is too small.
+    volume_size: int | None = Field(default=None, ge=1, le=16384)
+    # The address nodes are reached at: private (the launcher runs in the VPC) or public.
+    address: str = Field(default="private", pattern="^(private|public)$")
+    # Spot instances; when spot capacity or price is refused, on-demand unless false.
+    spot: bool = False
+    spot_fallback: bool = True
+    # More tags on every instance and volume (ours are added on top).
+    tags: dict[str, str] = {}
+    # Cloud-config YAML merged after ours (packages, mounts...); not for secrets.
+    user_data: str | None = None
+    # Every API call gives up after this long (it is then a failed call, retried by
+    # the launcher with the one backoff).
+    api_timeout: Seconds = 60.0
+    # The service quota read for vCPUs (Running On-Demand Standard instances); the
+    # quota is read again this often.
+    vcpu_quota_code: str = "L-1216C47A"
+    quota_interval: Seconds = 300.0
+    # Pin each node's SSH host key from its console output; only an emulated cloud,
+    # whose instances never boot, may turn this off.
+    host_key_checking: bool = True
+
+    @model_validator(mode="after")
+    def _image(self) -> AwsSettings:
+        if self.ami is None and not self.amis and self.launch_template is None:
+            raise ValueError("give `ami`, `amis` per label, or a `launch-template`")
+        return self
+
+    def ami_for(self, label: str) -> str | None:
+        return self.amis.get(label, self.ami)
+
+    def type_for(self, label: str) -> str | None:
+        found = self.instance_types.get(label) or self.instance_type
+        return found or (None if self.launch_template is not None else "t3.medium")

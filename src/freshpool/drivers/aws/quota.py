@@ -1,0 +1,107 @@
+"""How many more nodes an `aws` provider may launch: the account's vCPU quota, less
+what runs in the region that is not ours, over the vCPUs of the largest instance type
+the provider launches. Read on a worker thread, never on the launcher's loop; until
+the first read, and while the quota cannot be read, only `max-nodes` applies."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from freshpool.drivers.aws.ec2 import code_of, tag_dict
+from freshpool.drivers.cloud.calls import Blocking
+
+log = logging.getLogger("freshpool.drivers.aws")
+# Instance families the "Running On-Demand Standard" vCPU quota counts.
+_STANDARD = ("a", "c", "d", "h", "i", "m", "r", "t", "z")
+_LIVE = ["pending", "running", "stopping", "shutting-down"]
+
+
+class VcpuQuota:
+    def __init__(self, provider: str, cluster: str, ec2: Any, quotas: Any, code: str,
+                 types: list[str], blocking: Blocking, interval: float) -> None:  # fmt: skip
+        self.provider, self.cluster = provider, cluster
+        self.ec2, self.quotas, self.code = ec2, quotas, code
+        self.types = types
+        self.blocking = blocking
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._room: int | None = None
+        self._read_at = 0.0
+        self._reading: Future[int | None] | None = None
+        self._vcpus: dict[str, int] = {}
+        self.last: dict[str, Any] = {}
+
+    def room(self) -> int | None:
+        """Nodes of ours that fit in the quota (None: unknown); a new read is started
+        when this one is old."""
+        with self._lock:
+            if self._reading is not None and self._reading.done():
+                self._finish(self._reading)
+            stale = time.monotonic() >= self._read_at + self.interval
+            if stale and self._reading is None:
+                self._reading = self.blocking.submit(self.read)
+            return self._room
+
+    def refused(self) -> None:
+        """EC2 refused a launch for quota: read it again at once."""
+        with self._lock:
+            self._read_at = 0.0
+
+    def _finish(self, reading: Future[int | None]) -> None:
+        self._reading = None
+        self._read_at = time.monotonic()
+        try:
+            self._room = reading.result()
+        except Exception as exc:  # unknown is not zero: max-nodes still applies
+            log.warning("provider %s: reading the vCPU quota failed: %s", self.provider, exc)
+            self._room = None
+
+    def read(self) -> int | None:
+        """Blocking: the room left, from the quota and the region's live instances."""
+        if not self.types:
+            self.last = {"error": "the launch template sets the instance type: not counted"}
+            return None
+        try:
+            quota = self.quotas.get_service_quota(ServiceCode="ec2", QuotaCode=self.code)
+        except Exception as exc:
+            if code_of(exc) in ("NoSuchResourceException", "AccessDeniedException"):
+                self.last = {"error": f"{code_of(exc)}: quota {self.code} not readable"}
+                return None
+            raise
+        limit = float(quota["Quota"]["Value"])
+        ours = theirs = 0
+        pages = self.ec2.get_paginator("describe_instances").paginate(
+            Filters=[{"Name": "instance-state-name", "Values": _LIVE}])  # fmt: skip
+        for page in pages:
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    if not _counted(instance):
+                        continue
+                    cpus = self._cpus(instance["InstanceType"])
+                    tags = tag_dict(instance)
+                    mine = (tags.get("freshpool-cluster") == self.cluster
+                            and tags.get("freshpool-provider") == self.provider)  # fmt: skip
+                    ours, theirs = (ours + cpus, theirs) if mine else (ours, theirs + cpus)
+        per_node = max(self._cpus(t) for t in self.types)
+        room = max(0, int((limit - theirs) // per_node))
+        self.last = {"vcpu_quota": limit, "vcpus_ours": ours, "vcpus_not_ours": theirs,
+                     "vcpus_per_node": per_node, "nodes_fit": room}  # fmt: skip
+        return room
+
+    def _cpus(self, instance_type: str) -> int:
+        if instance_type not in self._vcpus:
+            found = self.ec2.describe_instance_types(InstanceTypes=[instance_type])
+            info = found["InstanceTypes"][0]["VCpuInfo"]
+            self._vcpus[instance_type] = int(info["DefaultVCpus"])
+        return self._vcpus[instance_type]
+
+
+def _counted(instance: dict[str, Any]) -> bool:
+    """On-demand instances of the standard families: what the quota counts."""
+    if instance.get("InstanceLifecycle") == "spot":
+        return False
+    return str(instance.get("InstanceType", "")).startswith(_STANDARD)
