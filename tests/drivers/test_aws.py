@@ -12,8 +12,11 @@ where they do.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -288,7 +291,7 @@ def test_the_host_key_is_read_from_cloud_inits_console_block() -> None:
 
 
 def test_bad_settings_are_named_at_check(make_driver: Callable[..., AwsDriver], ec2: Any) -> None:
-    with pytest.raises(DriverUnavailable, match=r"provider ec2: .*ami-0000dead"):
+    with pytest.raises(DriverUnavailable, match=r"provider ec2: no AMI \[.ami-0000dead.\]"):
         make_driver(ami="ami-0000dead").check()
     with pytest.raises(DriverUnavailable, match="provider ec2: check: InvalidSubnetID"):
         make_driver(**{"subnet-id": "subnet-0bad"}).check()
@@ -299,3 +302,27 @@ def test_bad_settings_are_named_at_check(make_driver: Callable[..., AwsDriver], 
         Provider.model_validate({"name": "ec2", "driver": "aws"})
     with pytest.raises(ValueError, match="give `ami`"):
         Provider.model_validate({"name": "ec2", "driver": "aws", "aws": {"region": REGION}})
+
+
+def test_config_validate_asks_ec2(moto_url: str, ec2: Any, tmp_path: Path) -> None:
+    ami = ec2.describe_images()["Images"][0]["ImageId"]
+
+    def validate(image: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "freshpool.yaml"
+        config.write_text(json.dumps({
+            "state-dir": str(tmp_path / "state"),
+            "providers": [{"name": "ec2", "driver": "aws", "aws": {
+                "region": REGION, "endpoint-url": moto_url, "ami": image}}],
+            "labels": [{"name": "debian", "image": "debian-bookworm"}],
+            "images": [{"name": "debian-bookworm", "suite": "bookworm"}],
+        }))  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "freshpool", "config", "validate", "-c",
+                               str(config)], capture_output=True, text=True, timeout=60,
+                              check=False)  # fmt: skip
+
+    good = validate(ami)
+    assert good.returncode == 0, good.stderr
+    assert "provider ec2: aws answers" in good.stdout
+    bad = validate("ami-0000dead")
+    assert bad.returncode != 0
+    assert "provider ec2" in bad.stderr and "ami-0000dead" in bad.stderr, bad.stderr

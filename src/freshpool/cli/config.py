@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from freshpool.cli.app import (
     ConfigOpt,
+    Exit,
     config_app,
     err,
     friendly,
@@ -31,6 +32,25 @@ def config_validate(config_path: ConfigOpt = None) -> None:
         highlight=False,
     )
     _say_limits(config)
+    _ask_clouds(config)
+
+
+def _ask_clouds(config: Config) -> None:
+    """Each cloud provider's credentials, images and networks, asked of the cloud."""
+    from freshpool.drivers.base import DriverError, driver_class, load_driver
+
+    failed = []
+    for provider in config.providers:
+        if not driver_class(provider).remote:
+            continue
+        try:
+            load_driver(provider, "validate", config.state_dir).check()
+        except DriverError as exc:
+            failed.append(str(exc))
+            continue
+        out.print(f"provider {provider.name}: {provider.driver} answers; settings found")
+    if failed:
+        raise Exit("\n".join(failed))
 
 
 def _say_limits(config: Config) -> None:

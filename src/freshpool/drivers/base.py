@@ -51,6 +51,7 @@ __all__ = [
     "SshAccess",
     "StepOperation",
     "Tags",
+    "driver_class",
     "load_driver",
 ]
 
@@ -149,6 +150,9 @@ class Quota:
 class Driver(ABC):
     """One provider's adapter. Create and delete return operations; nothing blocks long."""
 
+    # A cloud's API, not this host: `config validate` runs check() to ask it.
+    remote: bool = False
+
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
         # state_dir is this provider's own directory (<state-dir>/providers/<name>).
         self.provider = provider
@@ -222,14 +226,18 @@ class Driver(ABC):
         return None
 
 
-def load_driver(provider: Provider, cluster: str, state_dir: Path) -> Driver:
-    """Instantiate the driver named in the provider config, found by entry point."""
+def driver_class(provider: Provider) -> type[Driver]:
+    """The driver class named in the provider config, found by entry point."""
     found = {ep.name: ep for ep in entry_points(group="freshpool.drivers")}
     if provider.driver not in found:
         raise DriverUnavailable(
             f"provider {provider.name!r}: no driver named {provider.driver!r}"
             f" (installed: {', '.join(sorted(found)) or 'none'})"
         )
-    cls = found[provider.driver].load()
-    driver: Driver = cls(provider, cluster, state_dir / "providers" / provider.name)
-    return driver
+    cls: type[Driver] = found[provider.driver].load()
+    return cls
+
+
+def load_driver(provider: Provider, cluster: str, state_dir: Path) -> Driver:
+    """Instantiate the driver named in the provider config."""
+    return driver_class(provider)(provider, cluster, state_dir / "providers" / provider.name)

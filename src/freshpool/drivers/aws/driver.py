@@ -55,6 +55,8 @@ _SPOT = {
 
 
 class AwsDriver(Driver):
+    remote = True
+
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
         super().__init__(provider, cluster, state_dir)
         if provider.aws is None:
@@ -83,9 +85,7 @@ class AwsDriver(Driver):
             self.ec2.describe_availability_zones()
             amis = sorted({a for a in (s.ami, *s.amis.values()) if a})
             if amis:
-                found = {i["ImageId"] for i in self.ec2.describe_images(ImageIds=amis)["Images"]}
-                if missing := [a for a in amis if a not in found]:
-                    raise DriverUnavailable(f"provider {self.provider.name}: no AMI {missing}")
+                self._check_amis(amis)
             if s.subnet_id:
                 self.ec2.describe_subnets(SubnetIds=[s.subnet_id])
             if s.security_group_ids:
@@ -99,6 +99,17 @@ class AwsDriver(Driver):
             raise
         except Exception as exc:
             raise DriverUnavailable(str(driver_error(self.provider.name, "check", exc))) from None
+
+    def _check_amis(self, amis: list[str]) -> None:
+        try:
+            found = {i["ImageId"] for i in self.ec2.describe_images(ImageIds=amis)["Images"]}
+        except Exception as exc:
+            if "InvalidAMIID" not in code_of(exc):
+                raise
+            found = set()
+        if missing := [a for a in amis if a not in found]:
+            raise DriverUnavailable(f"provider {self.provider.name}: no AMI {missing} in "
+                                    f"{self.settings.region}")  # fmt: skip
 
     def limits(self) -> Quota:
         fit = self.quota.room()
