@@ -242,6 +242,23 @@ def test_breaker_sends_demand_to_the_healthy_provider(tmp_path: Path) -> None:
     assert {n.provider for n in launcher.store.nodes(["ready"])} == {"healthy"}
 
 
+def test_demand_goes_first_where_the_clouds_quota_leaves_most_room(tmp_path: Path) -> None:
+    # "big" allows 10 nodes by its config, but its cloud's quota only 2 (a sim quota,
+    # as a cloud driver's limits() reports it); "small" allows and fits 5.
+    providers = """
+  - name: big
+    driver: sim
+    max-nodes: 10
+    sim: {quota: 2}
+  - name: small
+    driver: sim
+    max-nodes: 5
+"""
+    launcher = sim_launcher(tmp_path, providers, min_ready=4)
+    run_until(launcher, lambda: len(launcher.store.nodes(["ready"])) == 4, timeout=30)
+    assert {n.provider for n in launcher.store.nodes(["ready"])} == {"small"}
+
+
 def test_failing_deletes_trip_their_providers_breaker(tmp_path: Path) -> None:
     """Each delete's outcome reaches the gate of the provider it ran on (at its
     max-nodes, the provider gets no launches that could fail instead)."""

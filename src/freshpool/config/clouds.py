@@ -1,4 +1,5 @@
-"""The settings of cloud providers (`driver: aws`), under the provider's own key."""
+"""The settings of cloud providers (`driver: aws`, `driver: openstack`), under the
+provider's own key."""
 
 from __future__ import annotations
 
@@ -78,3 +79,56 @@ class AwsSettings(Model):
     def type_for(self, label: str) -> str | None:
         found = self.instance_types.get(label) or self.instance_type
         return found or (None if self.launch_template is not None else "t3.medium")
+
+
+class FlavorChoice(Model):
+    """A flavor by name, or the smallest with at least this much RAM (MiB) and vCPUs."""
+
+    name: str | None = None
+    min_ram: int | None = Field(default=None, ge=64)
+    vcpus: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _some(self) -> FlavorChoice:
+        if self.name is None and self.min_ram is None and self.vcpus is None:
+            raise ValueError("give a flavor `name`, or `min-ram` and/or `vcpus`")
+        if self.name is not None and (self.min_ram is not None or self.vcpus is not None):
+            raise ValueError("give a flavor `name` or `min-ram`/`vcpus`, not both")
+        return self
+
+
+class OpenStackSettings(Model):
+    """Where and how an `openstack` provider boots servers (clouds.yaml names the
+    cloud, its credentials and endpoints)."""
+
+    cloud: str
+    region: str | None = None
+    # The image servers boot (a Glance name or id); each label may name its own.
+    image: str | None = None
+    images: dict[str, str] = {}
+    flavor: FlavorChoice
+    flavors: dict[str, FlavorChoice] = {}
+    networks: list[str] = []
+    # Boot from a new volume of this many GiB made from the image (deleted with the
+    # server) instead of the hypervisor's local disk.
+    boot_from_volume: bool = False
+    volume_size: int = Field(default=20, ge=1)
+    config_drive: bool = True
+    # Metadata added to every server beside freshpool's tags.
+    metadata: dict[str, str] = {}
+    user_data: str | None = None
+    api_timeout: Seconds = 60.0
+    quota_interval: Seconds = 300.0
+    host_key_checking: bool = True
+
+    @model_validator(mode="after")
+    def _image(self) -> OpenStackSettings:
+        if self.image is None and not self.images:
+            raise ValueError("give `image`, or `images` per label")
+        return self
+
+    def image_for(self, label: str) -> str | None:
+        return self.images.get(label, self.image)
+
+    def flavor_for(self, label: str) -> FlavorChoice:
+        return self.flavors.get(label, self.flavor)

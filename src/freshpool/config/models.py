@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, ByteSize, Field, field_validator, model_validator
 
 from freshpool.config.base import Model, Name, Seconds
-from freshpool.config.clouds import AwsSettings
+from freshpool.config.clouds import AwsSettings, OpenStackSettings
 from freshpool.config.images import Image, image_parent_problems
 from freshpool.core.errors import UnknownName
 from freshpool.core.nodesets import providers_serving
@@ -194,6 +194,7 @@ class Provider(Model):
     sim: SimSettings = SimSettings()
     qemu: QemuSettings = QemuSettings()
     aws: AwsSettings | None = None
+    openstack: OpenStackSettings | None = None
     # Each node's limits where its label sets none (local driver).
     limits: NodeLimits = NodeLimits()
     # All nodes together: launches stop at what the largest label's node leaves room for.
@@ -203,6 +204,8 @@ class Provider(Model):
     def _cloud_settings(self) -> Provider:
         if self.driver == "aws" and self.aws is None:
             raise ValueError("driver aws needs an `aws:` section (region, ami, ...)")
+        if self.driver == "openstack" and self.openstack is None:
+            raise ValueError("driver openstack needs an `openstack:` section (cloud, image, ...)")
         return self
 
     def serves(self, label: str) -> bool:

@@ -125,14 +125,15 @@ def _launch_on(
 
 
 def _by_room(shared: Shared, label: Label, used: Counter[str]) -> list[Provider]:
-    """The label's providers, most room first; one whose breaker is open gets none
-    (its demand goes elsewhere)."""
+    """The label's providers, most room first (their driver's limit, a cloud's quota
+    less what is not ours among it); one whose breaker is open gets none (its demand
+    goes elsewhere)."""
     mine = [
         p
         for p in shared.config.providers_for(label.name)
         if p.name in shared.drivers and not shared.gates[p.name].is_open()
     ]
-    return sorted(mine, key=lambda p: used[p.name] - p.max_nodes)
+    return sorted(mine, key=lambda p: used[p.name] - shared.drivers[p.name].limits().max_nodes)
 
 
 def _no_build(shared: Shared, label: Label) -> None:

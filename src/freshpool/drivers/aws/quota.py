@@ -1,64 +1,28 @@
-"""How many more nodes an `aws` provider may launch: the account's vCPU quota, less
-what runs in the region that is not ours, over the vCPUs of the largest instance type
-the provider launches. Read on a worker thread, never on the launcher's loop; until
-the first read, and while the quota cannot be read, only `max-nodes` applies."""
+"""How many nodes an `aws` provider may run: the account's vCPU quota, less what runs
+in the region that is not ours, over the vCPUs of the largest instance type the
+provider launches."""
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from concurrent.futures import Future
 from typing import Any
 
 from freshpool.drivers.aws.ec2 import code_of, tag_dict
 from freshpool.drivers.cloud.calls import Blocking
+from freshpool.drivers.cloud.quota import QuotaRoom
 
-log = logging.getLogger("freshpool.drivers.aws")
 # Instance families the "Running On-Demand Standard" vCPU quota counts.
 _STANDARD = ("a", "c", "d", "h", "i", "m", "r", "t", "z")
 _LIVE = ["pending", "running", "stopping", "shutting-down"]
 
 
-class VcpuQuota:
+class VcpuQuota(QuotaRoom):
     def __init__(self, provider: str, cluster: str, ec2: Any, quotas: Any, code: str,
                  types: list[str], blocking: Blocking, interval: float) -> None:  # fmt: skip
-        self.provider, self.cluster = provider, cluster
+        super().__init__(provider, blocking, interval, self.read)
+        self.cluster = cluster
         self.ec2, self.quotas, self.code = ec2, quotas, code
         self.types = types
-        self.blocking = blocking
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._room: int | None = None
-        self._read_at = 0.0
-        self._reading: Future[int | None] | None = None
         self._vcpus: dict[str, int] = {}
-        self.last: dict[str, Any] = {}
-
-    def room(self) -> int | None:
-        """Nodes of ours that fit in the quota (None: unknown); a new read is started
-        when this one is old."""
-        with self._lock:
-            if self._reading is not None and self._reading.done():
-                self._finish(self._reading)
-            stale = time.monotonic() >= self._read_at + self.interval
-            if stale and self._reading is None:
-                self._reading = self.blocking.submit(self.read)
-            return self._room
-
-    def refused(self) -> None:
-        """EC2 refused a launch for quota: read it again at once."""
-        with self._lock:
-            self._read_at = 0.0
-
-    def _finish(self, reading: Future[int | None]) -> None:
-        self._reading = None
-        self._read_at = time.monotonic()
-        try:
-            self._room = reading.result()
-        except Exception as exc:  # unknown is not zero: max-nodes still applies
-            log.warning("provider %s: reading the vCPU quota failed: %s", self.provider, exc)
-            self._room = None
 
     def read(self) -> int | None:
         """Blocking: the room left, from the quota and the region's live instances."""
