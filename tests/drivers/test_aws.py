@@ -40,6 +40,8 @@ from freshpool.drivers.base import (
 )
 from freshpool.drivers.cloud.keys import console_host_keys
 from tests.integrations.buildbot.harness import free_port
+from tests.launcher.test_reliability import sim_launcher
+from tests.support import run_until
 
 REGION = "us-east-1"
 CLUSTER = "c0ffee"
@@ -326,3 +328,31 @@ def test_config_validate_asks_ec2(moto_url: str, ec2: Any, tmp_path: Path) -> No
     bad = validate("ami-0000dead")
     assert bad.returncode != 0
     assert "provider ec2" in bad.stderr and "ami-0000dead" in bad.stderr, bad.stderr
+
+
+def test_the_launchers_sweep_terminates_a_stray_of_ours(
+    moto_url: str, ec2: Any, tmp_path: Path
+) -> None:
+    """The real launcher's leak sweep over the aws driver (min-ready 0: moto's
+    instances never boot, so none is launched to be tested over SSH)."""
+    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    launcher = sim_launcher(tmp_path, f"""
+  - name: ec2
+    driver: aws
+    aws: {{region: {REGION}, endpoint-url: "{moto_url}", ami: {ami}, host-key-checking: false}}
+""", min_ready=0)  # fmt: skip
+    cluster = launcher.store.cluster_id
+
+    def run(tags: dict[str, str]) -> str:
+        tagged = [{"ResourceType": "instance",
+                   "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]  # fmt: skip
+        reply = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1,
+                                  TagSpecifications=tagged)  # fmt: skip
+        return str(reply["Instances"][0]["InstanceId"])
+
+    stray = run({"freshpool-cluster": cluster, "freshpool-node": "41",
+                 "freshpool-provider": "ec2", "freshpool-build": "img-1"})  # fmt: skip
+    theirs = run({"Name": "not ours"})
+    run_until(launcher, lambda: described(ec2, stray)["State"]["Name"] == "terminated",
+              timeout=30)  # fmt: skip
+    assert described(ec2, theirs)["State"]["Name"] == "running"
