@@ -80,6 +80,7 @@ from starlette.routing import Match
 from tests.drivers.openstack import fake_cloud_model as model
 from tests.drivers.openstack import fake_cloud_routes
 from tests.drivers.openstack.fake_cloud_model import ApiError
+from tests.drivers.openstack.machines import Hypervisor, booted
 
 # Answered without a token: version discovery and authentication itself.
 OPEN_PATHS = {"", "/identity", "/identity/v3", "/identity/v3/auth/tokens", "/compute",
@@ -103,6 +104,8 @@ class FakeCloud:
         self.max_ram = model.DEFAULT_QUOTAS["ram"]
         self.fail_next_requests = 0
         self.down = False
+        # Real machines behind the servers (machines.LocalMachines); None: none boots.
+        self.hypervisor: Hypervisor | None = None
         # State, as the APIs show it; keys starting with "_" are the fake's own.
         self.servers: dict[str, dict[str, Any]] = {}
         self.flavors: dict[str, dict[str, Any]] = {}
@@ -442,6 +445,8 @@ class FakeCloud:
             return
         host_id = hashlib.sha224(f"{model.PROJECT_ID}compute-1".encode()).hexdigest()
         launched = datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+        if self.hypervisor is not None and not booted(self.hypervisor, doc, self.ports):
+            return
         doc.update({"status": "ACTIVE", "OS-EXT-STS:vm_state": "active", "hostId": host_id,
                     "OS-EXT-STS:power_state": 1, "OS-SRV-USG:launched_at": launched,
                     "OS-EXT-AZ:availability_zone": "nova", "_active_at": now})  # fmt: skip
@@ -457,6 +462,8 @@ class FakeCloud:
         doc["addresses"] = addresses
 
     def _remove_server(self, server_id: str) -> None:
+        if self.hypervisor is not None:
+            self.hypervisor.destroy(server_id)
         doc = self.servers.pop(server_id, None)
         for port_id in doc["_ports"] if doc else []:
             self.ports.pop(port_id, None)

@@ -124,7 +124,9 @@ class CloudDriver(Driver):
             if self.host_key_checking:
                 host_keys = yield from self._host_keys(instance_id, started)
             keys.pin(address, host_keys)
-        except BaseException:
+        except Exception:
+            # (Not when the operation is abandoned, GeneratorExit: nothing may be
+            # waited for then; the leak sweep finds the instance by its tags.)
             yield from self._undo(spec, instance_id)
             keys.remove()
             raise
