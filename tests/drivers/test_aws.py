@@ -260,6 +260,15 @@ def test_the_vcpu_quota_less_what_is_not_ours_bounds_the_nodes(
     assert read() == 3  # (10 - 4) // 2
     assert driver.quota.last["vcpus_not_ours"] == 4
 
+    # The provider's own cap, on top: 4 vCPUs are 2 t3.medium nodes.
+    capped = make_driver(name="ec2-capped", **{"instance-type": "t3.medium", "max-cores": 4})
+    answer(capped.quotas, "GetServiceQuota", 200,
+           {"Quota": {"QuotaCode": "L-1216C47A", "Value": 10.0}})  # fmt: skip
+    deadline = time.monotonic() + 20
+    while capped.limits().max_nodes != 2:
+        assert time.monotonic() < deadline, capped.quota.last
+        time.sleep(0.05)
+
     # EC2 refuses anyway (another account user raced us): a QuotaExceeded naming it.
     over = "You have requested more vCPU capacity than your current vCPU limit"
     answer(driver.ec2, "RunInstances", 400,

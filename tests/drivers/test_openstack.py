@@ -191,6 +191,13 @@ def test_the_quota_less_what_is_not_ours_bounds_the_nodes(
     assert driver.limits().max_nodes == 2  # (6 cores - 2 not ours) // 2
     assert driver.quota.last["ours"] == 1
 
+    # The provider's own cap, on top: 4 GiB of RAM is one m1.medium (4096 MiB).
+    capped = make_driver(name="os-capped", flavor={"min-ram": 3000}, **{"max-ram": 4096})
+    deadline = time.monotonic() + 20
+    while capped.limits().max_nodes != 1:
+        assert time.monotonic() < deadline, capped.quota.last
+        time.sleep(0.05)
+
     # Nova refuses anyway (someone raced us): QuotaExceeded, in Nova's words.
     cloud.max_cores = 4
     with pytest.raises(QuotaExceeded, match="os: create server: 403: Quota exceeded for cores"):

@@ -63,6 +63,10 @@ class AwsSettings(Model):
     # quota is read again this often.
     vcpu_quota_code: str = "L-1216C47A"
     quota_interval: Seconds = 300.0
+    # Caps of this provider's own on top of the cloud's quota: vCPUs and RAM (MiB) of
+    # all its nodes together.
+    max_cores: int | None = Field(default=None, ge=1)
+    max_ram: int | None = Field(default=None, ge=1)
     # Pin each node's SSH host key from its console output; only an emulated cloud,
     # whose instances never boot, may turn this off.
     host_key_checking: bool = True
@@ -119,6 +123,10 @@ class OpenStackSettings(Model):
     user_data: str | None = None
     api_timeout: Seconds = 60.0
     quota_interval: Seconds = 300.0
+    # Caps of this provider's own on top of the cloud's quota: vCPUs and RAM (MiB) of
+    # all its nodes together.
+    max_cores: int | None = Field(default=None, ge=1)
+    max_ram: int | None = Field(default=None, ge=1)
     host_key_checking: bool = True
 
     @model_validator(mode="after")

@@ -124,8 +124,8 @@ uwsgi_app() {
     for e in "$@"; do envs+=(--env "$e"); done
     start "$name" uwsgi --plugin python3 --http-socket "127.0.0.1:$port" --wsgi-file "$file" \
         --master --processes 2 --threads 4 --enable-threads --lazy-apps --die-on-term \
-        --no-orphans --buffer-size 65535 --http-auto-chunked --http-chunked-input \
-        --http-raw-body --wsgi-manage-chunked-input --add-header "Connection: close" \
+        --no-orphans --buffer-size 65535 \
+        --add-header "Connection: close" \
         --need-app --logto "$LOGS/$name.log" "${envs[@]}"
     wait_http "$name" "http://127.0.0.1:$port/"
 }
@@ -486,7 +486,7 @@ nova() {
         touch "$BASE/nova/.done"
     fi
     uwsgi_app nova-api $NOVA_PORT /usr/bin/nova-api-wsgi \
-        "OS_NOVA_CONFIG_DIR=$ETC/nova" "OS_NOVA_CONFIG_FILES=nova.conf;api-paste.ini"
+        "OS_NOVA_CONFIG_DIR=$ETC/nova" "OS_NOVA_CONFIG_FILES=api-paste.ini;nova.conf"
     start nova-conductor nova-conductor --config-file "$conf" --log-file "$LOGS/nova-conductor.log"
     start nova-scheduler nova-scheduler --config-file "$conf" --log-file "$LOGS/nova-scheduler.log"
     # Debian's nova-compute package pulls in libvirt and qemu for nothing: the fake

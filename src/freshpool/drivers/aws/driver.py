@@ -50,7 +50,8 @@ class AwsDriver(CloudDriver):
         types = sorted({t for label in self._labels() if (t := self.settings.type_for(label))})
         self.quota = VcpuQuota(provider.name, cluster, self.ec2, self.quotas,
                                self.settings.vcpu_quota_code, types, self.calls,
-                               self.settings.quota_interval)  # fmt: skip
+                               self.settings.quota_interval, self.settings.max_cores,
+                               self.settings.max_ram)  # fmt: skip
         self._root_devices: dict[str, str] = {}
 
     def _labels(self) -> list[str]:

@@ -17,15 +17,22 @@ _LIVE = ["pending", "running", "stopping", "shutting-down"]
 
 class VcpuQuota(QuotaRoom):
     def __init__(self, provider: str, cluster: str, ec2: Any, quotas: Any, code: str,
-                 types: list[str], blocking: Blocking, interval: float) -> None:  # fmt: skip
-        super().__init__(provider, blocking, interval, self.read)
+                 types: list[str], blocking: Blocking, interval: float,
+                 max_cores: int | None, max_ram: int | None) -> None:  # fmt: skip
+        super().__init__(provider, blocking, interval, max_cores, max_ram)
         self.cluster = cluster
         self.ec2, self.quotas, self.code = ec2, quotas, code
         self.types = types
-        self._vcpus: dict[str, int] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
 
-    def read(self) -> int | None:
-        """Blocking: the room left, from the quota and the region's live instances."""
+    def node_size(self) -> tuple[int, int]:
+        if not self.types:
+            return 1, 1  # the launch template's type: unknown here
+        sizes = [self._size(t) for t in self.types]
+        return max(c for c, _ in sizes), max(m for _, m in sizes)
+
+    def read(self, size: tuple[int, int]) -> int | None:
+        """The room left, from the quota and the region's live instances."""
         if not self.types:
             self.last = {"error": "the launch template sets the instance type: not counted"}
             return None
@@ -45,23 +52,24 @@ class VcpuQuota(QuotaRoom):
                 for instance in reservation["Instances"]:
                     if not _counted(instance):
                         continue
-                    cpus = self._cpus(instance["InstanceType"])
+                    cpus = self._size(instance["InstanceType"])[0]
                     tags = tag_dict(instance)
                     mine = (tags.get("freshpool-cluster") == self.cluster
                             and tags.get("freshpool-provider") == self.provider)  # fmt: skip
                     ours, theirs = (ours + cpus, theirs) if mine else (ours, theirs + cpus)
-        per_node = max(self._cpus(t) for t in self.types)
+        per_node = size[0]
         room = max(0, int((limit - theirs) // per_node))
         self.last = {"vcpu_quota": limit, "vcpus_ours": ours, "vcpus_not_ours": theirs,
                      "vcpus_per_node": per_node, "nodes_fit": room}  # fmt: skip
         return room
 
-    def _cpus(self, instance_type: str) -> int:
-        if instance_type not in self._vcpus:
+    def _size(self, instance_type: str) -> tuple[int, int]:
+        if instance_type not in self._sizes:
             found = self.ec2.describe_instance_types(InstanceTypes=[instance_type])
-            info = found["InstanceTypes"][0]["VCpuInfo"]
-            self._vcpus[instance_type] = int(info["DefaultVCpus"])
-        return self._vcpus[instance_type]
+            info = found["InstanceTypes"][0]
+            self._sizes[instance_type] = (int(info["VCpuInfo"]["DefaultVCpus"]),
+                                          int(info["MemoryInfo"]["SizeInMiB"]))  # fmt: skip
+        return self._sizes[instance_type]
 
 
 def _counted(instance: dict[str, Any]) -> bool:

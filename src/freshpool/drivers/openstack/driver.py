@@ -48,8 +48,9 @@ class OpenStackDriver(CloudDriver):
         self._flavors: dict[FlavorChoice, Any] = {}
         self._images: dict[str, str] = {}
         self._networks: list[str] | None = None
+        caps = (self.settings.max_cores, self.settings.max_ram)
         self.quota = NovaQuota(provider.name, self.conn, self.calls, self.settings.quota_interval,
-                               self._node_size, self._ours)  # fmt: skip
+                               caps, self._node_size, self._ours)  # fmt: skip
 
     # ------------------------------------------------------------ names
 

@@ -84,17 +84,20 @@ class NovaQuota(QuotaRoom):
     is not ours, over the largest flavor this provider launches."""
 
     def __init__(self, provider: str, conn: Any, blocking: Blocking, interval: float,
-                 node_size: Callable[[], tuple[int, int]],
+                 caps: tuple[int | None, int | None], size: Callable[[], tuple[int, int]],
                  ours: Callable[[], list[Any]]) -> None:  # fmt: skip
-        super().__init__(provider, blocking, interval, self.read)
+        super().__init__(provider, blocking, interval, *caps)
         self.conn = conn
-        self.node_size = node_size
+        self.size = size
         self.ours = ours
 
-    def read(self) -> int | None:
+    def node_size(self) -> tuple[int, int]:
+        return self.size()
+
+    def read(self, size: tuple[int, int]) -> int | None:
         limits = self.conn.compute.get_limits().absolute
         mine = self.ours()
-        cores, ram = self.node_size()
+        cores, ram = size
         our_cores = sum(int((s.flavor or {}).get("vcpus", 0)) for s in mine)
         our_ram = sum(int((s.flavor or {}).get("ram", 0)) for s in mine)
         fits = []
