@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from freshpool import launcher as launching
+from freshpool.config import parse
 from freshpool.dispatch import direct
-from freshpool.drivers.base import SshAccess
+from freshpool.drivers.base import SshAccess, load_driver
 from freshpool.drivers.ssh import run as ssh_run
 from freshpool.launcher import Launcher
+from freshpool.store import Store
 from tests.drivers.openstack.fake_cloud import FakeCloud
 from tests.drivers.openstack.machines import LocalMachines
 from tests.launcher.test_reliability import sim_launcher
-from tests.support import run_until
+from tests.support import destroy_cluster, register_test_image, run_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real nodes need root")
 SUBNET = "10.214.91.0/24"
@@ -77,3 +80,58 @@ def test_a_job_runs_once_on_a_node_the_cloud_booted(
     # The pool is whole again with new nodes; none is the one the job had.
     run_until(launcher, lambda: len(launcher.store.nodes(["ready"])) == 2, timeout=180)
     assert node.id not in {n.id for n in launcher.store.nodes()}
+
+
+def test_a_cloud_that_goes_down_is_served_around_and_lost_servers_replaced(
+    booting_cloud: FakeCloud, image_build_dir: Path, tmp_path: Path
+) -> None:
+    """One label on the cloud and on local nodes: while the cloud is down, every
+    node comes from the local provider; a server the cloud lost is replaced."""
+    text = f"""
+state-dir: {tmp_path / "state"}
+interval: 0.05
+cleanup-interval: 0.5
+providers:
+  - name: os
+    driver: openstack
+    max-nodes: 4
+    boot-timeout: 120
+    breaker-threshold: 2
+    openstack: {{cloud: fake, image: debian-12-generic-amd64, flavor: {{name: m1.small}},
+                networks: [private]}}
+  - name: local
+    driver: local
+    max-nodes: 3
+    network: {{subnet: 10.214.92.0/24, bridge: fp-test-nova-l}}
+labels:
+  - {{name: debian, image: debian-bookworm, min-ready: 2}}
+images:
+  - name: debian-bookworm
+"""  # fmt: skip
+    config = parse(text, "failover.yaml")
+    store = Store.open(config.state_dir)
+    register_test_image(store, image_build_dir)
+    drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
+    launcher = launching.build(config, store, drivers, images=False, publish=False)
+    try:
+        # The cloud has the most room: it serves first.
+        run_until(launcher, lambda: len(store.nodes(["ready"])) == 2, timeout=180)
+        first = store.nodes(["ready"])
+        assert {n.provider for n in first} == {"os"}
+
+        # Lost by the cloud (no delete asked): the sweep notices, a new node comes.
+        lost = first[0]
+        with booting_cloud.lock:
+            booting_cloud.vanish(str(lost.external_id))
+        run_until(launcher, lambda: lost.id not in {n.id for n in store.nodes(["ready"])}
+                  and len(store.nodes(["ready"])) == 2, timeout=120)  # fmt: skip
+
+        # The cloud goes down; what is handed out is made good from local nodes.
+        booting_cloud.down = True
+        for _ in range(2):
+            direct.acquire(config, store, ["debian"], timeout=10)
+        run_until(launcher, lambda: len(store.nodes(["ready"])) == 2, timeout=180)
+        assert {n.provider for n in store.nodes(["ready"])} == {"local"}
+    finally:
+        booting_cloud.down = False
+        destroy_cluster(config, store)

@@ -10,7 +10,7 @@ import time
 from freshpool import metrics
 from freshpool.core.errors import StaleState
 from freshpool.core.states import NodeState
-from freshpool.drivers.base import Driver, Operation
+from freshpool.drivers.base import Driver, DriverError, Instance, Operation
 from freshpool.launcher.context import Shared
 from freshpool.launcher.sweep import LeakSweeper
 
@@ -33,21 +33,26 @@ class LeakController:
         """After a start: adopt known live nodes, fail cut-off launches, delete strays."""
         store = self.shared.store
         for name, driver in self.shared.drivers.items():
-            instances = {i.tags.node_id: i for i in driver.list_instances() if i.tags}
+            listed: dict[int, Instance] | None = None
+            try:
+                listed = {i.tags.node_id: i for i in driver.list_instances() if i.tags}
+            except DriverError as exc:  # a cloud down at start: the sweep looks later
+                log.warning("provider %s: listing at start failed: %s", name, exc)
+                self.shared.gates[name].failure(f"list: {exc}")
             rows = {row.id: row for row in store.nodes(provider=name)}
             for row in rows.values():
-                instance = instances.get(row.id)
                 if row.state in (N.BUILDING, N.TESTING):
                     self.shared.fail(
                         row.id, N(row.state), f"launcher restarted while the node was {row.state}"
                     )
-                elif row.state in (N.READY, N.IN_USE, N.HOLD):
+                elif row.state in (N.READY, N.IN_USE, N.HOLD) and listed is not None:
+                    instance = listed.get(row.id)
                     if instance is None or not instance.alive:
                         why = "instance vanished while the launcher was down"
                         self.shared.fail(row.id, N(row.state), why)
                     else:
                         log.info("node %s: adopted (%s)", row.id, row.state)
-            for node_id, instance in instances.items():
+            for node_id, instance in (listed or {}).items():
                 if node_id not in rows:
                     log.warning(
                         "provider %s: stray instance %s (node %s has no row): deleting",

@@ -16,7 +16,7 @@ import time
 from freshpool import crashpoints
 from freshpool.core.errors import StaleState
 from freshpool.core.states import NODE_TO_DELETE_STATES, NodeState
-from freshpool.drivers.base import CommandResult, Instance, Operation, Tags
+from freshpool.drivers.base import CommandResult, DriverError, Instance, Operation, Tags
 from freshpool.launcher.context import Shared, instance_values, node_spec
 from freshpool.launcher.launches import Launch, LaunchFailures, plan_launches
 from freshpool.launcher.work import Kind, Work
@@ -183,10 +183,11 @@ class NodeController:
         now = time.time()
         never_created: list[tuple[int, str]] = []
         starting: list[tuple[NodeRow, str, float]] = []
+        listings: dict[str, dict[int, str] | None] = {}
         for row in store.due_for_delete(now):
             if row.id in work:
                 continue
-            external_id = self._external_id(row)
+            external_id = self._external_id(row, listings)
             if external_id is None:
                 never_created.append((row.id, "no instance was ever created"))
             elif external_id and self.shared.gates[row.provider].take():
@@ -216,9 +217,10 @@ class NodeController:
             log.warning("node %s: %s", row.id, fault)
         return "; ".join([*faults, f"{row.state}: delete"])
 
-    def _external_id(self, row: NodeRow) -> str | None:
-        """The node's instance id; None if none was ever made; "" if its provider is
-        not configured (then it waits)."""
+    def _external_id(self, row: NodeRow, listings: dict[str, dict[int, str] | None]) -> str | None:
+        """The node's instance id; None if none was ever made; "" if it cannot be told
+        now (its provider is not configured, or its listing failed: then it waits).
+        A provider is listed at most once per pass (`listings`), for all its nodes."""
         driver = self.shared.drivers.get(row.provider)
         if driver is None:
             self.shared.warn_once(
@@ -230,10 +232,17 @@ class NodeController:
         found = row.external_id or driver.external_id_for(
             Tags(self.shared.store.cluster_id, row.id, row.build_id)
         )
-        if found is None:
-            listed = (i for i in driver.list_instances() if i.tags and i.tags.node_id == row.id)
-            found = next((i.external_id for i in listed), None)
-        return found
+        if found is not None:
+            return found
+        if row.provider not in listings:
+            try:
+                listed = driver.list_instances()
+                listings[row.provider] = {i.tags.node_id: i.external_id for i in listed if i.tags}
+            except DriverError as exc:  # one provider's outage must not stop the others
+                log.warning("provider %s: listing for deletes failed: %s", row.provider, exc)
+                listings[row.provider] = None
+        by_node = listings[row.provider]
+        return "" if by_node is None else by_node.get(row.id)
 
     def _deleted(self, done: list[Work]) -> None:
         gone: list[int] = []
