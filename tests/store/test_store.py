@@ -198,3 +198,21 @@ def test_the_store_knows_alembics_head_revision(store: Store) -> None:
     with store.engine.connect() as conn:
         head = ScriptDirectory.from_config(db.alembic_config(conn)).get_current_head()
         assert migrations.HEAD == head == db.current_revision(conn)
+
+    # known_revisions() reads the same migrations Alembic does.
+    with store.engine.connect() as conn:
+        script = ScriptDirectory.from_config(db.alembic_config(conn))
+        assert migrations.known_revisions() == sorted(r.revision for r in script.walk_revisions())
+
+
+def test_a_schema_newer_than_this_freshpool_is_refused_with_what_to_do(store: Store) -> None:
+    from sqlalchemy import text
+
+    from freshpool.store import db
+
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    url = store.engine.url.render_as_string(hide_password=False)
+    store.close()
+    with pytest.raises(db.SchemaTooNew, match="revision 0099, newer than this freshpool"):
+        Store(url)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from freshpool.store.migrations import HEAD
+from freshpool.core.errors import Unavailable
+from freshpool.store.migrations import HEAD, known_revisions
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -131,11 +132,27 @@ def current_revision(conn: Connection) -> str | None:
     return str(found) if found is not None else None
 
 
+class SchemaTooNew(Unavailable):
+    """The database was upgraded by a newer freshpool than this one."""
+
+
+def check_revision(revision: str | None) -> None:
+    if revision is not None and revision not in known_revisions():
+        raise SchemaTooNew(
+            f"the database's schema is at revision {revision}, newer than this freshpool "
+            f"knows (up to {HEAD}): a newer freshpool upgraded it; upgrade freshpool here "
+            "too (pip install -U freshpool) before starting it"
+        )
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (a no-op when it is there already)."""
+    """Bring the schema to the newest migration (a no-op when it is there already);
+    SchemaTooNew if a newer freshpool has been at it."""
     with engine.connect() as conn:
-        if current_revision(conn) == HEAD:
+        revision = current_revision(conn)
+        if revision == HEAD:
             return
+        check_revision(revision)
     from alembic import command
 
     with engine.begin() as conn:
