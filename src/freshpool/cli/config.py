@@ -54,22 +54,13 @@ def _ask_clouds(config: Config) -> None:
 
 
 def _say_limits(config: Config) -> None:
-    """How this host would enforce each local provider's node limits, or why it cannot."""
-    from freshpool.drivers.base import DriverUnavailable
-    from freshpool.drivers.host import cgroups
-    from freshpool.drivers.local.limits import NodeLimiter
+    from freshpool.doctor import node_limits
 
-    for provider in config.providers:
-        if provider.driver != "local":
-            continue
-        limiter = NodeLimiter(cgroups.detect(provider.name))
-        out.print(f"provider {provider.name}: node limits by {limiter.describe()}", highlight=False)
-        for label in config.labels:
-            if provider.serves(label.name):
-                try:
-                    limiter.check(label.limits.over(provider.limits), f"label {label.name}")
-                except DriverUnavailable as exc:
-                    err.print(f"warning: provider {provider.name}: {exc}", highlight=False)
+    for finding in node_limits(config):
+        if finding.ok:
+            out.print(f"{finding.what}: {finding.detail}", highlight=False)
+        else:
+            err.print(f"warning: {finding.what}: {finding.detail}", highlight=False)
 
 
 @config_app.command("default")
