@@ -2,9 +2,9 @@
 
 from freshpool.cli import (  # noqa: F401 - commands
     config,
-    doctor,
     github,
     gitlab,
+    host,
     images,
     jenkins,
     nodes,
