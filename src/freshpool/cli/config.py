@@ -63,6 +63,40 @@ def _say_limits(config: Config) -> None:
             err.print(f"warning: {finding.what}: {finding.detail}", highlight=False)
 
 
+@config_app.command("reload")
+@friendly
+def config_reload(config_path: ConfigOpt = None) -> None:
+    """Check the config file, then have the running `serve` take it (as SIGHUP does):
+    it reads the file it was started with, and says whether it took it."""
+    import json
+    import os
+    import signal
+    import time
+
+    from freshpool import launcherlock
+    from freshpool.config import load
+    from freshpool.serve.reload import RESULT_FILE
+
+    config = load(config_path)
+    held = launcherlock.holder(config.state_dir)
+    if held is None or not launcherlock.serve_runs(config.state_dir):
+        raise Exit(f"no `freshpool serve` runs on {config.state_dir}", 1)
+    result = config.state_dir / RESULT_FILE
+    asked = time.time()
+    os.kill(int(held.split()[1]), signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if result.exists() and result.stat().st_mtime >= asked - 1:
+            answer = json.loads(result.read_text())
+            if answer.get("at", 0) >= asked:
+                if not answer["ok"] and not answer["message"].startswith("unchanged"):
+                    raise Exit(f"serve: {answer['message']}", 1)
+                out.print(f"serve: {answer['message']}", highlight=False)
+                return
+        time.sleep(0.1)
+    raise Exit("serve did not answer within 60 s; see its log", 1)
+
+
 @config_app.command("default")
 def config_default() -> None:
     """Print the embedded default config (a starting point for freshpool.yaml)."""

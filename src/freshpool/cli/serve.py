@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from freshpool.cli.app import ConfigOpt, Exit, app, checked_drivers, err, friendly
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from freshpool import serve as serving
+    from freshpool.config import Config
+    from freshpool.serve.reload import Reloader
+    from freshpool.store import Store
 
 
 @app.command()
@@ -25,9 +34,10 @@ def serve(
     ] = True,
 ) -> None:
     """Run the launcher: keep min-ready nodes per label ready, delete used ones."""
-    from freshpool import launcher, launcherlock, logs, serve
+    from freshpool import launcherlock, logs
     from freshpool.config import load, resolve_path
     from freshpool.drivers.host import cgroups
+    from freshpool.serve.reload import Reloader, api_unchanged
     from freshpool.store import Store
 
     config = load(config_path)
@@ -41,30 +51,63 @@ def serve(
     with launcherlock.holding(config.state_dir, launcherlock.SERVE):
         store = Store.open(config.state_dir, config.database_url)
         try:
-            drivers = checked_drivers(config, store)
-            stop = _stop_on_signals()
             source, _ = resolve_path(config_path)
             err.print(
                 f"freshpool serving from {source}; state in {config.state_dir};"
                 f" cluster {store.cluster_id}"
             )
-            runner = launcher.build(config, store, drivers, automatic_builds=build)
-            # The request scheduler and the HTTP API, in a process of their own.
-            running = serve.start(config, runner)
-            if running.url:
-                err.print(f"API and dashboard at {running.url} (OpenAPI: {running.url}/docs)")
-            if config.api.enabled and config.api.insecure and not config.api.loopback:
-                err.print(
-                    f"[bold red]WARNING: the API serves plain HTTP on {config.api.listen}"
-                    " (api.insecure: true): API tokens and node access cross the network"
-                    " unencrypted. Set api.tls to serve HTTPS.[/]"
-                )
-            try:
-                runner.run(stop)
-            finally:
-                running.stop()
+            listener = None
+            while True:
+                stop = _stop_on_signals()
+                reloader = Reloader(config_path, config, stop)
+                signal.signal(signal.SIGHUP, _reload_on(reloader))
+                try:
+                    running = _run(config, store, build, stop, listener)
+                finally:
+                    reloader.close()
+                new = reloader.next
+                keep = new is not None and api_unchanged(config, new)
+                listener = running.api.listener if keep else None
+                running.stop(keep_listener=keep)
+                if new is None:
+                    break
+                config = new
+                logs.setup(config.log_level)
         finally:
             store.close()
+
+
+def _run(config: Config, store: Store, build: bool, stop: threading.Event,
+         listener: socket.socket | None) -> serving.Running:  # fmt: skip
+    """One run of the launcher and the API on `config`, until `stop`."""
+    from freshpool import launcher
+    from freshpool import serve as serving
+
+    drivers = checked_drivers(config, store)
+    runner = launcher.build(config, store, drivers, automatic_builds=build)
+    # The request scheduler and the HTTP API, in a process of their own.
+    running = serving.start(config, runner, listener=listener)
+    if running.url and listener is None:
+        err.print(f"API and dashboard at {running.url} (OpenAPI: {running.url}/docs)")
+    if config.api.enabled and config.api.insecure and not config.api.loopback:
+        err.print(
+            f"[bold red]WARNING: the API serves plain HTTP on {config.api.listen}"
+            " (api.insecure: true): API tokens and node access cross the network"
+            " unencrypted. Set api.tls to serve HTTPS.[/]"
+        )
+    try:
+        runner.run(stop)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _reload_on(reloader: Reloader) -> Callable[[int, Any], None]:
+    def on_hup(_signum: int, _frame: Any) -> None:
+        reloader.request()
+
+    return on_hup
 
 
 def _stop_on_signals() -> threading.Event:

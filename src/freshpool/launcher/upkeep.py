@@ -1,5 +1,6 @@
 """Upkeep of the nodes that exist: every state's timeout enforced, ready nodes
-health-checked now and then, requests failed at their deadline."""
+health-checked now and then, requests failed at their deadline, and labels the
+config no longer has drained."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class UpkeepController:
         self._next = now + self.shared.config.interval
         self._enforce_timeouts()
         self._health_checks()
+        self._drain_removed_labels()
 
     def _expire_requests(self) -> None:
         store = self.shared.store
@@ -79,6 +81,23 @@ class UpkeepController:
             with contextlib.suppress(StaleState):
                 store.transition(row.id, N(row.state), due.target, due.reason)
                 log.warning("node %s: %s", row.id, due.reason)
+
+    def _drain_removed_labels(self) -> None:
+        """A label taken out of the config (a reload): its ready nodes are deleted and
+        requests still waiting for it fail; nodes in use finish their jobs first."""
+        store, labels = self.shared.store, self.shared.labels
+        for row in store.nodes(["ready"]):
+            if row.label not in labels and row.id not in self.shared.work:
+                with contextlib.suppress(StaleState):
+                    why = f"label {row.label!r} is no longer in the config"
+                    store.transition(row.id, N.READY, N.DELETING, why)
+                    log.info("node %s: %s: deleting", row.id, why)
+        for request in store.pending_requests():
+            gone = sorted(set(request.labels) - set(labels))
+            if gone:
+                why = f"label {', '.join(gone)} is no longer in the config"
+                with contextlib.suppress(StaleState):
+                    store.finish_request(request.id, RequestState.FAILED, why)
 
     def _health_checks(self) -> None:
         """Re-test ready nodes now and then; a failing one is replaced before a job gets it."""

@@ -41,6 +41,7 @@ socket, so clients' connections wait in its queue instead of being refused.
 from __future__ import annotations
 
 import contextlib
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,12 @@ class Running:
     url: str | None
     url_file: Path | None
 
-    def stop(self) -> None:
+    def stop(self, keep_listener: bool = False) -> None:
+        """Stop the API process; its listening socket too unless `keep_listener` (a
+        reload hands it to the next one, so clients wait in its queue meanwhile)."""
         self.api.stop()
+        if keep_listener:
+            return
         if self.api.listener is not None:
             self.api.listener.close()
         if self.url_file is not None:
@@ -67,14 +72,15 @@ class Running:
                 self.url_file.unlink()
 
 
-def start(config: Config, runner: Runner, port: int | None = None) -> Running:
-    """Start the API process beside `runner` and hook it into the runner's passes.
+def start(config: Config, runner: Runner, port: int | None = None,
+          listener: socket.socket | None = None) -> Running:  # fmt: skip
+    """Start the API process beside `runner` and hook it into the runner's passes,
+    listening on `listener` if given (a reload's), else on a new socket.
 
     Raises ListenError when the API cannot listen, StartError when the process does
     not come up; nothing has started then.
     """
-    listener = None
-    if config.api.enabled:
+    if config.api.enabled and listener is None:
         check_tls(config.api.tls)
         listener = bind(config.api.listen, config.api.port if port is None else port)
     api = ApiProcess(config, listener, wake=runner.wake)
