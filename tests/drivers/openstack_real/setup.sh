@@ -56,7 +56,7 @@ chmod 755 "$BASE"
 install_packages() {
     local missing=()
     for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+        [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] \
             || missing+=("$p")
     done
     if [ ${#missing[@]} -eq 0 ]; then step "packages: installed"; return; fi
@@ -149,11 +149,11 @@ postgres() {
         step "postgres: started on 127.0.0.1:$PG_PORT"
     fi
     local psql=(runuser -u postgres -- psql -h "$BASE/pg/run" -p $PG_PORT -U postgres -qtA)
-    "${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='openstack'" | grep -q 1 \
+    [ "$("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='openstack'")" = 1 ] \
         || "${psql[@]}" -c "CREATE ROLE openstack LOGIN PASSWORD '$DB_PW'"
     local d
     for d in keystone glance placement nova_api nova nova_cell0 neutron; do
-        "${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname='$d'" | grep -q 1 \
+        [ "$("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname='$d'")" = 1 ] \
             || "${psql[@]}" -c "CREATE DATABASE $d OWNER openstack"
     done
 }
@@ -167,7 +167,7 @@ rabbit_env() {
     export RABBITMQ_ENABLED_PLUGINS_FILE=$BASE/rabbitmq/enabled_plugins
     export RABBITMQ_CONFIG_FILE=$BASE/rabbitmq/rabbitmq
     export RABBITMQ_ADVANCED_CONFIG_FILE=$BASE/rabbitmq/advanced.config
-    export RABBITMQ_PID_FILE=$RUN/rabbitmq-beam.pid
+    export RABBITMQ_PID_FILE=$BASE/rabbitmq/beam.pid
 }
 
 rabbitmq() {
@@ -316,6 +316,9 @@ EOF
       service_auth service_user nova; echo "send_service_user_token = true"
       service_auth placement placement
       service_auth neutron neutron; } >"$ETC/nova/nova.conf"
+    # nova-compute reaches the databases only through the conductor: no connections.
+    awk '/^\[/ { skip = ($0 == "[api_database]" || $0 == "[database]") } !skip' \
+        "$ETC/nova/nova.conf" >"$ETC/nova/nova-compute.conf"
 
     { cat <<EOF
 [DEFAULT]
@@ -480,8 +483,9 @@ nova() {
         step "nova: api_db sync, cell0, cell1, db sync"
         "${manage[@]}" api_db sync >>"$LOGS/nova-manage.log" 2>&1
         "${manage[@]}" cell_v2 map_cell0 --database_connection "$DB/nova_cell0" >>"$LOGS/nova-manage.log" 2>&1
-        "${manage[@]}" cell_v2 list_cells | grep -q " cell1 " \
-            || "${manage[@]}" cell_v2 create_cell --name cell1 >>"$LOGS/nova-manage.log" 2>&1
+        local cells
+        cells=$("${manage[@]}" cell_v2 list_cells 2>/dev/null)
+        [[ $cells == *" cell1 "* ]] || "${manage[@]}" cell_v2 create_cell --name cell1 >>"$LOGS/nova-manage.log" 2>&1
         "${manage[@]}" db sync >>"$LOGS/nova-manage.log" 2>&1
         touch "$BASE/nova/.done"
     fi
@@ -492,15 +496,17 @@ nova() {
     # Debian's nova-compute package pulls in libvirt and qemu for nothing: the fake
     # driver needs only python3-nova, whose entry point this is.
     start nova-compute $PY -c 'import sys; from nova.cmd.compute import main; sys.argv[0] = "nova-compute"; sys.exit(main())' \
-        --config-file "$conf" --log-file "$LOGS/nova-compute.log"
+        --config-file "$ETC/nova/nova-compute.conf" --log-file "$LOGS/nova-compute.log"
     local i
-    for ((i = 0; i < 240; i++)); do
-        "${manage[@]}" cell_v2 discover_hosts --verbose 2>/dev/null | grep -q "$COMPUTE_HOST" && break
-        "${manage[@]}" cell_v2 list_hosts 2>/dev/null | grep -q "$COMPUTE_HOST" && break
+    # (Outputs read whole: `| grep -q` under pipefail fails when grep stops reading.)
+    for ((i = 0; i < 120; i++)); do
+        hosts=$("${manage[@]}" cell_v2 list_hosts 2>/dev/null || true)
+        [[ $hosts == *" $COMPUTE_HOST "* ]] && break
+        "${manage[@]}" cell_v2 discover_hosts >>"$LOGS/nova-manage.log" 2>&1 || true
         alive nova-compute || { tail -20 "$LOGS/nova-compute.out" >&2; exit 1; }
-        sleep 0.5
+        sleep 1
     done
-    "${manage[@]}" cell_v2 list_hosts 2>/dev/null | grep -q "$COMPUTE_HOST" \
+    [[ $hosts == *" $COMPUTE_HOST "* ]] \
         || { echo "nova-compute never registered; see $LOGS/nova-compute.log" >&2; exit 1; }
     step "nova: compute host $COMPUTE_HOST in cell1"
 }
