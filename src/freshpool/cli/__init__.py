@@ -6,6 +6,7 @@ from freshpool.cli import (  # noqa: F401 - commands
     gitlab,
     host,
     images,
+    importing,
     jenkins,
     nodes,
     serve,

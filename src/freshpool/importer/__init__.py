@@ -1,0 +1,1 @@
+"""Configs of other node pools turned into freshpool ones."""
