@@ -35,10 +35,10 @@ from freshpool.drivers.base import (
     DriverUnavailable,
     Instance,
     NodeSpec,
-    Operation,
     QuotaExceeded,
 )
 from freshpool.drivers.cloud.keys import console_host_keys
+from tests.drivers.cloud_support import node_spec, run_all
 from tests.integrations.buildbot.harness import free_port
 from tests.launcher.test_reliability import sim_launcher
 from tests.support import run_until
@@ -84,20 +84,7 @@ def make_driver(moto_url: str, ec2: Any, tmp_path: Path) -> Callable[..., AwsDri
 
 
 def spec(node_id: int, label: str = "debian") -> NodeSpec:
-    return NodeSpec(node_id=node_id, cluster=CLUSTER, label=label, hostname=f"fp-{node_id}",
-                    build_id="b1", layers=())  # fmt: skip
-
-
-def run_all(ops: list[Operation[Any]], timeout: float = 60) -> None:
-    """Advance every operation from one loop, as the launcher does."""
-    deadline = time.monotonic() + timeout
-    while not all(op.done for op in ops):
-        assert time.monotonic() < deadline, "operations not done in time"
-        now = time.monotonic()
-        for op in ops:
-            if not op.done and now >= op.not_before:
-                op.advance()
-        time.sleep(0.002)
+    return node_spec(CLUSTER, node_id, label)
 
 
 def described(ec2: Any, instance_id: str) -> dict[str, Any]:

@@ -21,10 +21,10 @@ from freshpool.drivers.base import (
     DriverUnavailable,
     Instance,
     NodeSpec,
-    Operation,
     QuotaExceeded,
 )
 from freshpool.drivers.openstack import OpenStackDriver
+from tests.drivers.cloud_support import node_spec, run_all
 from tests.drivers.openstack.fake_cloud import FakeCloud
 from tests.launcher.test_reliability import sim_launcher
 from tests.support import run_until
@@ -57,19 +57,7 @@ def make_driver(cloud: FakeCloud, tmp_path: Path) -> Callable[..., OpenStackDriv
 
 
 def spec(node_id: int, label: str = "debian") -> NodeSpec:
-    return NodeSpec(node_id=node_id, cluster=CLUSTER, label=label, hostname=f"fp-{node_id}",
-                    build_id="b1", layers=())  # fmt: skip
-
-
-def run_all(ops: list[Operation[Any]], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(op.done for op in ops):
-        assert time.monotonic() < deadline, "operations not done in time"
-        now = time.monotonic()
-        for op in ops:
-            if not op.done and now >= op.not_before:
-                op.advance()
-        time.sleep(0.002)
+    return node_spec(CLUSTER, node_id, label)
 
 
 def other_server(cloud: FakeCloud, metadata: dict[str, str], flavor: str = "m1.medium") -> str:

@@ -76,7 +76,8 @@ def test_a_job_runs_once_on_a_node_the_cloud_booted(
     machines = booting_cloud.hypervisor
     assert isinstance(machines, LocalMachines)
     assert node.external_id not in machines.machines
-    assert len(machines.driver.list_instances()) == len(servers(booting_cloud))
+    # Every machine left is a live server's (new servers may still be booting).
+    assert set(machines.machines) <= servers(booting_cloud)
     # The pool is whole again with new nodes; none is the one the job had.
     run_until(launcher, lambda: len(launcher.store.nodes(["ready"])) == 2, timeout=180)
     assert node.id not in {n.id for n in launcher.store.nodes()}

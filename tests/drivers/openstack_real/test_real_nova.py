@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from freshpool.config import Provider
-from freshpool.drivers.base import DriverUnavailable, Instance, NodeSpec, Operation
+from freshpool.drivers.base import DriverUnavailable, Instance
 from freshpool.drivers.openstack import OpenStackDriver
+from tests.drivers.cloud_support import node_spec, run_all
 
 openstack = pytest.importorskip("openstack")
 
@@ -86,28 +87,12 @@ def make_driver(conn: Any, cluster: str, tmp_path: Path) -> Callable[..., OpenSt
     return make
 
 
-def spec(cluster: str, node_id: int, label: str = "debian") -> NodeSpec:
-    return NodeSpec(node_id=node_id, cluster=cluster, label=label, hostname=f"fp-{node_id}",
-                    build_id="b1", layers=())  # fmt: skip
-
-
-def run_all(ops: list[Operation[Any]], timeout: float = BOOT) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(op.done for op in ops):
-        assert time.monotonic() < deadline, "operations not done in time"
-        now = time.monotonic()
-        for op in ops:
-            if not op.done and now >= op.not_before:
-                op.advance()
-        time.sleep(0.01)
-
-
 def test_a_node_is_a_nova_server_with_our_metadata_listed_and_deleted(
     make_driver: Callable[..., OpenStackDriver], conn: Any, cluster: str
 ) -> None:
     driver = make_driver()
     driver.check()
-    instance: Instance = driver.create(spec(cluster, 7)).wait(BOOT)
+    instance: Instance = driver.create(node_spec(cluster, 7)).wait(BOOT)
 
     server = conn.compute.get_server(instance.external_id)
     assert server.status == "ACTIVE" and server.name == "fp-7"
@@ -129,7 +114,7 @@ def test_a_node_is_a_nova_server_with_our_metadata_listed_and_deleted(
 
     listed = {i.external_id: i for i in driver.list_instances()}
     assert set(listed) == {instance.external_id}
-    assert listed[instance.external_id].tags == spec(cluster, 7).tags
+    assert listed[instance.external_id].tags == node_spec(cluster, 7).tags
     assert listed[instance.external_id].alive
 
     # Nova's absolute limits, read on the driver's threads: room for at least one more.
@@ -168,8 +153,8 @@ def test_parallel_nodes_and_a_server_that_is_not_ours(
     driver = make_driver(flavor={"min-ram": 64, "vcpus": 1})
     driver.check()
     smallest = min(conn.compute.flavors(details=True), key=lambda f: (f.vcpus, f.ram, f.name))
-    ops = [driver.create(spec(cluster, n)) for n in (1, 2)]
-    run_all(ops)
+    ops = [driver.create(node_spec(cluster, n)) for n in (1, 2)]
+    run_all(ops, timeout=BOOT)
     made = [op.wait(1) for op in ops]  # each one's Instance, or its error raised
     ids = {i.external_id for i in made}
     assert len(ids) == 2 and theirs.id not in ids
