@@ -87,6 +87,14 @@ def spec(node_id: int, label: str = "debian") -> NodeSpec:
     return node_spec(CLUSTER, node_id, label)
 
 
+def run_tagged(ec2: Any, ami: str | None, tags: dict[str, str]) -> str:
+    """An instance someone launched with these tags, not through the driver."""
+    tagged = [{"ResourceType": "instance",
+               "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]  # fmt: skip
+    reply = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, TagSpecifications=tagged)
+    return str(reply["Instances"][0]["InstanceId"])
+
+
 def described(ec2: Any, instance_id: str) -> dict[str, Any]:
     reply = ec2.describe_instances(InstanceIds=[instance_id])
     return dict(reply["Reservations"][0]["Instances"][0])
@@ -180,11 +188,7 @@ def test_only_this_clusters_and_providers_instances_are_listed(
     ami = driver.settings.ami
 
     def run(tags: dict[str, str]) -> str:
-        spec_tags = [{"ResourceType": "instance",
-                      "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]  # fmt: skip
-        reply = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1,
-                                  TagSpecifications=spec_tags)  # fmt: skip
-        return str(reply["Instances"][0]["InstanceId"])
+        return run_tagged(ec2, ami, tags)
 
     # A stray of ours: tagged, with no node row (a launcher died mid-launch). Found by
     # its tags, so the leak sweep deletes it.
@@ -340,11 +344,7 @@ def test_the_launchers_sweep_terminates_a_stray_of_ours(
     cluster = launcher.store.cluster_id
 
     def run(tags: dict[str, str]) -> str:
-        tagged = [{"ResourceType": "instance",
-                   "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]  # fmt: skip
-        reply = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1,
-                                  TagSpecifications=tagged)  # fmt: skip
-        return str(reply["Instances"][0]["InstanceId"])
+        return run_tagged(ec2, ami, tags)
 
     stray = run({"freshpool-cluster": cluster, "freshpool-node": "41",
                  "freshpool-provider": "ec2", "freshpool-build": "img-1"})  # fmt: skip
