@@ -249,6 +249,3 @@ class AwsDriver(CloudDriver):
             "lifecycle": found.get("InstanceLifecycle", "on-demand"),
             "image": found.get("ImageId"),
         }
-
-    def status(self) -> dict[str, Any]:
-        return {"quota": self.quota.last}

@@ -32,7 +32,7 @@ class QuotaRoom(ABC):
         self._room: int | None = None
         self._read_at = 0.0
         self._reading: Future[int | None] | None = None
-        # What the last read found, for `freshpool providers` and the tests.
+        # What the last read found (the figures and the room they leave).
         self.last: dict[str, Any] = {}
 
     def room(self) -> int | None:

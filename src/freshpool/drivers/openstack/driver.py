@@ -140,7 +140,7 @@ class OpenStackDriver(CloudDriver):
             else:
                 attrs["image_id"] = image_id
             return self.conn.compute.create_server(**attrs)
-        except (DriverError, DriverUnavailable):
+        except DriverError:  # ours already (DriverUnavailable among them)
             raise
         except Exception as exc:
             error = driver_error(self.provider.name, "create server", exc)
@@ -207,6 +207,3 @@ class OpenStackDriver(CloudDriver):
                 alive = server.status in ("BUILD", "ACTIVE")
                 listed.append(self._listed(server.id, metadata, alive, server))
         return listed
-
-    def status(self) -> dict[str, Any]:
-        return {"quota": self.quota.last}
