@@ -35,7 +35,7 @@ from freshpool.images.remove import remove_tree
 from freshpool.images.retry import ATTEMPTS, DownloadRetry, base_delay
 from freshpool.images.rootcommand import HOST_RESOLV, SEARCH_PATH, RootCommands
 
-STAGES = ("debootstrap", "prepare", "prefetch", "clean", "finalize")
+STAGES = ("debootstrap", "prepare", "packages", "prefetch", "clean", "finalize")
 ROOTFS = "rootfs"
 PARTIAL = ".rootfs.partial"
 MANIFEST = "manifest.json"
@@ -180,6 +180,7 @@ class _Builder:
         self.timings: dict[str, float] = {}
         self.moved_into_place = False
         self.prefetched: dict[str, int] = {}
+        self._apt_updated = False
         self.installed: dict[str, str] = {}
 
     # --- the build -------------------------------------------------------------------
@@ -199,6 +200,7 @@ class _Builder:
             for stage, step in (
                 ("debootstrap", self._debootstrap),
                 ("prepare", self._prepare),
+                ("packages", self._packages),
                 ("prefetch", self._prefetch),
                 ("clean", self._clean),
             ):
@@ -236,7 +238,9 @@ class _Builder:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def _debootstrap(self) -> None:
-        include = ",".join(dict.fromkeys(["openssh-server", *self.image.packages]))
+        # Only what the base needs: debootstrap's own dependency order fails to
+        # configure some packages (cloud-init's Python libraries); apt installs the rest.
+        include = "openssh-server"
         argv = [self.tools["debootstrap"]]
         if self.image.variant != "default":
             argv.append(f"--variant={self.image.variant}")
@@ -277,6 +281,27 @@ class _Builder:
             resolv.unlink()
         resolv.write_text(HOST_RESOLV.read_text() if HOST_RESOLV.is_file() else "")
 
+    def _apt_update(self) -> None:
+        if self._apt_updated:
+            return
+        # Translations only serve people reading descriptions, which no job does.
+        update = ["apt-get", "update", "--error-on=any", "-o", "Acquire::Languages=none"]
+        in_root = self.commands.in_root
+        self._retrying(lambda: self.commands.run(in_root(update), "apt-get update"))
+        self._apt_updated = True
+
+    def _packages(self) -> None:
+        if not self.image.packages:
+            self.log.start("packages", "no packages to install")
+            return
+        self.log.start("packages", f"installing {' '.join(self.image.packages)}")
+        self._apt_update()
+        install = ["apt-get", "install", "-y", "--no-install-recommends", *self.image.packages]
+        in_root = self.commands.in_root
+        self._retrying(lambda: self.commands.run(in_root(install), "apt-get install"))
+        # Installed debs are not kept: only what `prefetch` fetches stays in the archives.
+        self.commands.run(in_root(["apt-get", "clean"]), "apt-get clean")
+
     def _prefetch(self) -> None:
         if not self.image.prefetch:
             self.log.start("prefetch", "nothing to pre-fetch")
@@ -284,10 +309,8 @@ class _Builder:
         self.log.start("prefetch", f"downloading {' '.join(self.image.prefetch)}")
         archives = self.partial / "var/cache/apt/archives"
         before = {p.name for p in archives.glob("*.deb")}
-        # Translations only serve people reading descriptions, which no job does.
-        update = ["apt-get", "update", "--error-on=any", "-o", "Acquire::Languages=none"]
+        self._apt_update()
         in_root = self.commands.in_root
-        self._retrying(lambda: self.commands.run(in_root(update), "apt-get update"))
         fetch = ["apt-get", "install", "--download-only", "-y", *self.image.prefetch]
         self._retrying(lambda: self.commands.run(in_root(fetch), "apt-get install --download-only"))
         self.prefetched = {
