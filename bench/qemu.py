@@ -22,18 +22,17 @@ from typing import Any
 
 import psutil
 
-from freshpool.config import Image, Provider
+from freshpool.config import Provider
 from freshpool.drivers import ssh
 from freshpool.drivers.base import ImageUpload, NodeSpec, StepOperation
 from freshpool.drivers.qemu import QEMU, QemuDriver
 from freshpool.drivers.qemu.accel import probe as kvm_probe
 from freshpool.drivers.qemu.vmbase import VmBase
 from freshpool.images.debootstrap import build_cached
+from tests.conftest import VM_IMAGE  # the tests' VM image: both share one cached build
 
 RESULTS = Path(__file__).parent / "results" / "qemu.json"
 IMAGE_CACHE = Path(os.environ.get("FRESHPOOL_TEST_CACHE", "/var/tmp/freshpool-test-cache"))
-# The tests' VM image, so both share one cached build.
-VM_IMAGE = Image(name="debian-vm", packages=["linux-image-amd64", "iproute2"])
 
 
 def provider(accel: str, memory: int) -> Provider:

@@ -17,6 +17,10 @@ from tests.store.pg import TempPostgres
 from tests.support import Pool, destroy_cluster, pool_yaml, register_test_image
 
 TEST_IMAGE = Image(name="debian-bookworm", packages=["python3"], prefetch=["make"])
+# An image that boots as a VM (qemu nodes) and on a cloud (cloud-init reads its metadata).
+VM_IMAGE = Image(
+    name="debian-vm", packages=["linux-image-amd64", "iproute2", "cloud-init", "systemd-sysv"]
+)
 # Survives between test sessions on a developer's machine; CI starts empty and builds once.
 IMAGE_CACHE = Path(os.environ.get("FRESHPOOL_TEST_CACHE", "/var/tmp/freshpool-test-cache"))
 
@@ -28,6 +32,13 @@ def image_build_dir() -> Path:
     if override:
         return Path(override)
     return build_cached(TEST_IMAGE, IMAGE_CACHE)
+
+
+@pytest.fixture(scope="session")
+def vm_image() -> Path:
+    """A Debian build with a kernel and cloud-init (rootfs/ + manifest.json), built once
+    and cached."""
+    return build_cached(VM_IMAGE, IMAGE_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import pytest
 
-from freshpool.config import Config, ConfigError, Image, Provider, parse
+from freshpool.config import Config, ConfigError, Provider, parse
 from freshpool.config import load as load_config
 from freshpool.core.states import NodeState
 from freshpool.drivers import ssh
@@ -36,14 +36,11 @@ from freshpool.drivers.host.processes import MARK_CLUSTER, MARK_NODE
 from freshpool.drivers.qemu import QEMU, QEMU_OVERHEAD_MIB, QemuDriver
 from freshpool.drivers.qemu.accel import cache_key, kvm_usable
 from freshpool.drivers.qemu.vmbase import VmBase
-from freshpool.images.debootstrap import build_cached
 from freshpool.launcher.vmcommit import CommitRefused, commit_node
 from freshpool.store import Store
-from tests.conftest import IMAGE_CACHE
 
 # The smallest image a VM boots: the kernel and initramfs come from linux-image-amd64,
 # the init brings up the network with iproute2.
-VM_IMAGE = Image(name="debian-vm", packages=["linux-image-amd64", "iproute2"])
 
 T = TypeVar("T")
 
@@ -71,12 +68,6 @@ def _provider(**qemu: object) -> Provider:
             "qemu": {"memory": 512, "powerdown-timeout": 20, "disk-size": 2, **qemu},
         }
     )
-
-
-@pytest.fixture(scope="module")
-def vm_image() -> Path:
-    """A Debian build with a kernel (rootfs/ + manifest.json), built once and cached."""
-    return build_cached(VM_IMAGE, IMAGE_CACHE)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,13 @@ class AwsSettings(Model):
     # The image nodes boot; each label may name its own in `amis`.
     ami: _AMI | None = None
     amis: dict[str, _AMI] = {}
+    # Where builds are uploaded for import as AMIs (S3 -> import-snapshot ->
+    # register-image); a label with no AMI of its own then boots its build's. The
+    # import runs as this IAM role (AWS's `vmimport` service role by default).
+    image_bucket: str | None = None
+    import_role: str = "vmimport"
+    image_disk_size: int = Field(default=8, ge=1, le=16384)
+    upload_timeout: Seconds = 3 * 3600.0
     # t3.medium unless a launch template sets the type.
     instance_type: str | None = None
     instance_types: dict[str, str] = {}
@@ -73,9 +80,17 @@ class AwsSettings(Model):
 
     @model_validator(mode="after")
     def _image(self) -> AwsSettings:
-        if self.ami is None and not self.amis and self.launch_template is None:
-            raise ValueError("give `ami`, `amis` per label, or a `launch-template`")
+        if (self.ami is None and not self.amis and self.launch_template is None
+                and self.image_bucket is None):  # fmt: skip
+            raise ValueError(
+                "give `ami`, `amis` per label, a `launch-template`, or an `image-bucket`"
+                " to upload freshpool's builds to"
+            )
         return self
+
+    def uploads_for(self, labels: tuple[str, ...]) -> bool:
+        """Whether any of these labels boots an uploaded build here."""
+        return self.image_bucket is not None and any(self.ami_for(x) is None for x in labels)
 
     def ami_for(self, label: str) -> str | None:
         return self.amis.get(label, self.ami)
@@ -107,9 +122,15 @@ class OpenStackSettings(Model):
 
     cloud: str
     region: str | None = None
-    # The image servers boot (a Glance name or id); each label may name its own.
+    # The image servers boot (a Glance name or id); each label may name its own. A
+    # label with neither boots freshpool's own build of its image, uploaded to Glance.
     image: str | None = None
     images: dict[str, str] = {}
+    # How builds are uploaded: the disk format (raw for Ceph-backed clouds), the disk's
+    # size in GiB, and how long one upload may take.
+    image_format: str = Field(default="qcow2", pattern="^(qcow2|raw)$")
+    image_disk_size: int = Field(default=8, ge=1, le=2048)
+    upload_timeout: Seconds = 3600.0
     flavor: FlavorChoice
     flavors: dict[str, FlavorChoice] = {}
     networks: list[str] = []
@@ -129,11 +150,9 @@ class OpenStackSettings(Model):
     max_ram: int | None = Field(default=None, ge=1)
     host_key_checking: bool = True
 
-    @model_validator(mode="after")
-    def _image(self) -> OpenStackSettings:
-        if self.image is None and not self.images:
-            raise ValueError("give `image`, or `images` per label")
-        return self
+    def uploads_for(self, labels: tuple[str, ...]) -> bool:
+        """Whether any of these labels boots an uploaded build here."""
+        return any(self.image_for(label) is None for label in labels)
 
     def image_for(self, label: str) -> str | None:
         return self.images.get(label, self.image)

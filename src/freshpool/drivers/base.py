@@ -128,6 +128,9 @@ class ImageUpload:
     # Read-only layer directories, top first.
     layers: tuple[Path, ...]
     manifest: dict[str, Any] = field(default_factory=dict)
+    # The labels that launch this image: a cloud uploads only for those that name no
+    # cloud image of their own.
+    labels: tuple[str, ...] = ()
 
 
 @dataclass

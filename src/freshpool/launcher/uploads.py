@@ -120,7 +120,10 @@ class Uploads:
             self._start_upload(row, build)
 
     def _start_upload(self, row: UploadRow, build: BuildRow) -> None:
-        upload = ImageUpload(build.id, build.image, build.layer_paths(), build.manifest or {})
+        labels = tuple(label.name for label in self.config.labels if label.image == build.image)
+        upload = ImageUpload(
+            build.id, build.image, build.layer_paths(), build.manifest or {}, labels
+        )
         op = self.drivers[row.provider].upload_image(upload)
         op.advance()
         self._uploads[row.id] = op

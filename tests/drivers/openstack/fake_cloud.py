@@ -104,6 +104,9 @@ class FakeCloud:
         self.max_ram = model.DEFAULT_QUOTAS["ram"]
         self.fail_next_requests = 0
         self.down = False
+        # Glance keeps a damaged copy of what is uploaded (a bad store), its checksums
+        # those of what it kept.
+        self.corrupt_uploads = False
         # Real machines behind the servers (machines.LocalMachines); None: none boots.
         self.hypervisor: Hypervisor | None = None
         # State, as the APIs show it; keys starting with "_" are the fake's own.
@@ -368,6 +371,12 @@ class FakeCloud:
             raise ApiError(400, f"Image {image_ref} could not be found.")
         if image["status"] != "active":
             raise ApiError(400, f"Image {image_ref} is not active.")
+        for key, kind in (("kernel_id", "aki"), ("ramdisk_id", "ari")):
+            part = self.images.get(str(image.get(key))) if image.get(key) else None
+            if image.get(key) and (part is None or part["disk_format"] != kind
+                                   or part["status"] != "active"):  # fmt: skip
+                raise ApiError(400, f"Image {image_ref}'s {key} {image[key]} is not an active"
+                                    f" {kind} image.")  # fmt: skip
         if boot is None and flavor["disk"] and image["min_disk"] > flavor["disk"]:
             raise ApiError(400, "Flavor's disk is too small for requested image.")
         if image["min_ram"] > flavor["ram"]:

@@ -380,6 +380,8 @@ def glance_upload(fake: FakeCloud, image_id: str, data: bytes) -> dict[str, Any]
     if image["status"] != "queued":
         raise ApiError(409, f"Image status transition from {image['status']} to saving is "
                             "not allowed")  # fmt: skip
+    if fake.corrupt_uploads and data:
+        data = bytes([data[0] ^ 0xFF]) + data[1:]
     fake.image_data[image_id] = data
     image.update({"status": "active", "size": len(data), "updated_at": now_iso(),
                   "checksum": hashlib.md5(data).hexdigest(), "os_hash_algo": "sha512",

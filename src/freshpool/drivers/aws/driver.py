@@ -4,7 +4,8 @@ host key pinned from its console output.
 
 Every boto3 call runs on the driver's worker threads (drivers/cloud/calls.py); the
 launches and deletes waiting on EC2 share one DescribeInstances and one
-TerminateInstances per pass between them.
+TerminateInstances per pass between them. A label with no AMI of its own boots its
+build, imported as an AMI (amis.py) when the provider has an `image-bucket`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from freshpool.config import Provider
 from freshpool.config.clouds import AwsSettings
+from freshpool.drivers.aws.amis import Amis
 from freshpool.drivers.aws.ec2 import (
     SPOT_REFUSED,
     clients,
@@ -27,7 +29,18 @@ from freshpool.drivers.aws.ec2 import (
     tag_dict,
 )
 from freshpool.drivers.aws.quota import VcpuQuota
-from freshpool.drivers.base import DriverUnavailable, Instance, NodeSpec, QuotaExceeded
+from freshpool.drivers.base import (
+    DoneOperation,
+    DriverError,
+    DriverUnavailable,
+    ImageUpload,
+    Instance,
+    NodeSpec,
+    Operation,
+    QuotaExceeded,
+    StepOperation,
+)
+from freshpool.drivers.cloud.disk import cloud_disk, raw_disk, remove_disk, upload_name
 from freshpool.drivers.cloud.driver import CloudDriver, Phase
 from freshpool.drivers.cloud.keys import user_data
 
@@ -46,7 +59,9 @@ class AwsDriver(CloudDriver):
             raise DriverUnavailable(f"provider {provider.name}: driver aws needs `aws:`")
         super().__init__(provider, cluster, state_dir, provider.aws.host_key_checking)
         self.settings: AwsSettings = provider.aws
-        self.ec2, self.quotas = clients(self.settings)
+        self.ec2, self.quotas, s3 = clients(self.settings)
+        self.amis = Amis(provider.name, self.settings, self.ec2, s3, self.calls)
+        self.disks = state_dir / "disks"
         types = sorted({t for label in self._labels() if (t := self.settings.type_for(label))})
         self.quota = VcpuQuota(provider.name, cluster, self.ec2, self.quotas,
                                self.settings.vcpu_quota_code, types, self.calls,
@@ -62,7 +77,8 @@ class AwsDriver(CloudDriver):
     # ------------------------------------------------------------ checks
 
     def check(self) -> None:
-        """Credentials, AMIs, subnet, security groups and launch template exist."""
+        """Credentials, AMIs, subnet, security groups, launch template and image bucket
+        exist."""
         s = self.settings
         try:
             self.ec2.describe_availability_zones()
@@ -73,6 +89,8 @@ class AwsDriver(CloudDriver):
                 self.ec2.describe_subnets(SubnetIds=[s.subnet_id])
             if s.security_group_ids:
                 self.ec2.describe_security_groups(GroupIds=s.security_group_ids)
+            if s.image_bucket:
+                self.amis.s3.head_bucket(Bucket=s.image_bucket)
             if s.launch_template is not None:
                 template = s.launch_template
                 key = {"LaunchTemplateIds": [template.id]} if template.id else {
@@ -97,6 +115,27 @@ class AwsDriver(CloudDriver):
     def _room(self) -> int | None:
         return self.quota.room()
 
+    # ------------------------------------------------------------ images
+
+    def upload_image(self, upload: ImageUpload) -> Operation[str]:
+        if not self.settings.uploads_for(upload.labels):
+            return DoneOperation(result="")  # its labels boot AMIs of their own
+        return StepOperation(self._upload(upload))
+
+    def _upload(self, upload: ImageUpload) -> Generator[float, None, str]:
+        base = yield from cloud_disk(upload, self.disks, self.settings.image_disk_size)
+        raw = yield from raw_disk(base)
+        tags = {"freshpool-cluster": self.cluster, "freshpool-provider": self.provider.name,
+                "freshpool-build": upload.build_id}  # fmt: skip
+        ami = yield from self.amis.upload(raw, upload_name(self.cluster, upload), tags)
+        remove_disk(self.disks, upload.build_id)
+        return ami
+
+    def delete_image(self, external_id: str) -> Operation[None]:
+        if not external_id:
+            return DoneOperation()
+        return StepOperation(self.amis.delete(external_id))
+
     # ------------------------------------------------------------ create
 
     def _launch(self, spec: NodeSpec, public_key: str) -> Generator[float, None, str]:
@@ -119,6 +158,11 @@ class AwsDriver(CloudDriver):
                                   for kind in ("instance", "volume")],
         }  # fmt: skip
         ami = s.ami_for(spec.label)
+        if ami is None and s.image_bucket is not None:
+            if not spec.image_external_id:
+                raise DriverError(f"provider {self.provider.name}: build {spec.build_id}"
+                                  " is not uploaded here")  # fmt: skip
+            ami = spec.image_external_id
         if ami:
             params["ImageId"] = ami
         if instance_type := s.type_for(spec.label):

@@ -23,9 +23,9 @@ SPOT_REFUSED = frozenset({"InsufficientInstanceCapacity", "SpotMaxPriceTooLow",
 _INSTANCE_ID = re.compile(r"\bi-[0-9a-f]+\b")
 
 
-def clients(settings: AwsSettings) -> tuple[Any, Any]:
-    """The EC2 and Service Quotas clients (thread-safe; the session is not, so it is
-    used here only)."""
+def clients(settings: AwsSettings) -> tuple[Any, Any, Any]:
+    """The EC2, Service Quotas and S3 clients (thread-safe; the session is not, so it
+    is used here only)."""
     try:
         import boto3
         from botocore.config import Config
@@ -40,7 +40,8 @@ def clients(settings: AwsSettings) -> tuple[Any, Any]:
     session = boto3.session.Session(profile_name=settings.profile, region_name=settings.region)
     ec2 = session.client("ec2", endpoint_url=settings.endpoint_url, config=config)
     quotas = session.client("service-quotas", endpoint_url=settings.endpoint_url, config=config)
-    return ec2, quotas
+    s3 = session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+    return ec2, quotas, s3
 
 
 def code_of(exc: BaseException) -> str:

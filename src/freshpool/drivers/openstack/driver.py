@@ -1,6 +1,7 @@
 """The `openstack` driver: each node a Nova server with our tags in its metadata,
 booted from a Glance image (or a volume made from it), with its own SSH key in its
-user data on the config drive, and its host key pinned from its console output.
+user data on the config drive, and its host key pinned from its console output. The
+image is a named cloud image, or freshpool's own build uploaded to Glance (glance.py).
 
 Every call goes through openstacksdk's compute, image and network proxies, on the
 driver's worker threads; the launches and deletes waiting on Nova share one server
@@ -17,9 +18,20 @@ from typing import Any
 
 from freshpool.config import Provider
 from freshpool.config.clouds import FlavorChoice, OpenStackSettings
-from freshpool.drivers.base import DriverError, DriverUnavailable, NodeSpec, QuotaExceeded
+from freshpool.drivers.base import (
+    DoneOperation,
+    DriverError,
+    DriverUnavailable,
+    ImageUpload,
+    NodeSpec,
+    Operation,
+    QuotaExceeded,
+    StepOperation,
+)
+from freshpool.drivers.cloud.disk import cloud_disk, raw_disk, remove_disk, upload_name
 from freshpool.drivers.cloud.driver import CloudDriver, Phase
 from freshpool.drivers.cloud.keys import user_data
+from freshpool.drivers.openstack.glance import Glance
 from freshpool.drivers.openstack.nova import (
     NovaQuota,
     connect,
@@ -44,6 +56,9 @@ class OpenStackDriver(CloudDriver):
         super().__init__(provider, cluster, state_dir, provider.openstack.host_key_checking)
         self.settings: OpenStackSettings = provider.openstack
         self.conn = connect(provider.name, self.settings)
+        self.glance = Glance(provider.name, self.conn, self.settings.image_format,
+                             self.settings.upload_timeout)  # fmt: skip
+        self.disks = state_dir / "disks"
         # Names resolved to ids once: flavors, images and networks by what was asked.
         self._flavors: dict[FlavorChoice, Any] = {}
         self._images: dict[str, str] = {}
@@ -60,10 +75,17 @@ class OpenStackDriver(CloudDriver):
             self._flavors[choice] = pick_flavor(self.provider.name, self.conn, choice)
         return self._flavors[choice]
 
-    def _image(self, label: str) -> str:
-        name = self.settings.image_for(label)
+    def _image(self, spec: NodeSpec) -> str:
+        """The label's cloud image, else the build's upload."""
+        name = self.settings.image_for(spec.label)
         if name is None:
-            raise DriverError(f"provider {self.provider.name}: no image for label {label!r}")
+            if not spec.image_external_id:
+                raise DriverError(f"provider {self.provider.name}: build {spec.build_id}"
+                                  " is not uploaded here")  # fmt: skip
+            return spec.image_external_id
+        return self._cloud_image(name)
+
+    def _cloud_image(self, name: str) -> str:
         if name not in self._images:
             image = find(self.conn.image.find_image, name)
             if image is None:
@@ -102,7 +124,8 @@ class OpenStackDriver(CloudDriver):
         try:
             self.conn.authorize()
             for label in [*(self.provider.labels or []), *self.settings.images, ""]:
-                self._image(label)
+                if (name := self.settings.image_for(label)) is not None:
+                    self._cloud_image(name)
                 self._flavor(label)
             self._network_ids()
         except DriverUnavailable:
@@ -112,6 +135,30 @@ class OpenStackDriver(CloudDriver):
 
     def _room(self) -> int | None:
         return self.quota.room()
+
+    # ------------------------------------------------------------ images
+
+    def upload_image(self, upload: ImageUpload) -> Operation[str]:
+        if not self.settings.uploads_for(upload.labels):
+            return DoneOperation(result="")  # its labels boot cloud images only
+        return StepOperation(self._upload(upload))
+
+    def _upload(self, upload: ImageUpload) -> Generator[float, None, str]:
+        base = yield from cloud_disk(upload, self.disks, self.settings.image_disk_size)
+        disk = base.disk
+        if self.settings.image_format == "raw":
+            disk = yield from raw_disk(base)
+        tags = {"freshpool-cluster": self.cluster, "freshpool-provider": self.provider.name,
+                "freshpool-build": upload.build_id}  # fmt: skip
+        name = upload_name(self.cluster, upload)
+        image_id = yield from self.calls.call(self.glance.upload, base, disk, name, tags)
+        remove_disk(self.disks, upload.build_id)
+        return image_id
+
+    def delete_image(self, external_id: str) -> Operation[None]:
+        if not external_id:
+            return DoneOperation()
+        return StepOperation(self.calls.call(self.glance.delete, external_id))
 
     # ------------------------------------------------------------ the cloud's part
 
@@ -123,7 +170,7 @@ class OpenStackDriver(CloudDriver):
         """Blocking: the names resolved (once), then one create call."""
         s = self.settings
         try:
-            image_id, flavor = self._image(spec.label), self._flavor(spec.label)
+            image_id, flavor = self._image(spec), self._flavor(spec.label)
             text = user_data(spec.hostname, spec.user, public_key, s.user_data)
             metadata = self.our_tags(spec.tags, spec.hostname, s.metadata)
             attrs: dict[str, Any] = {
