@@ -20,9 +20,11 @@ class HistoryEvent:
     from_state: str | None
     to_state: str | None
     reason: str
-    # None once the node's row is gone (its label is then known from earlier events).
+    # What the node was at the event; None only for events older than schema 0005 whose
+    # node's row is gone.
     label: str | None
     provider: str | None
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,9 @@ class HistoryQueries(StoreBase):
                 node_events.c.from_state,
                 node_events.c.to_state,
                 node_events.c.reason,
-                nodes.c.label,
-                nodes.c.provider,
+                func.coalesce(node_events.c.label, nodes.c.label),
+                func.coalesce(node_events.c.provider, nodes.c.provider),
+                func.coalesce(node_events.c.tenant, nodes.c.tenant),
             )
             .select_from(node_events.outerjoin(nodes, nodes.c.id == node_events.c.node_id))
             .where(node_events.c.id > cursor)
