@@ -55,6 +55,11 @@ LEAKED_INSTANCES = Counter(
     "freshpool_leaked_instances",
     "Instances carrying this cluster's tags that the store did not know.",
 )
+NODE_SECONDS = Counter(
+    "freshpool_node_seconds",
+    "Seconds nodes spent in each state, by the tenant they were handed to ('' before).",
+    ["tenant", "label", "provider", "state"],
+)
 LAUNCHES = Counter("freshpool_launches", "Nodes launched.", ["provider", "label"])
 REQUESTS = Counter("freshpool_requests", "Requests finished, by outcome.", ["outcome"])
 CONTROLLER_SECONDS = Histogram(
@@ -122,6 +127,11 @@ def request_done(tenant: str, outcome: str, wait: float | None) -> None:
     if wait is not None:
         REQUEST_WAIT_SECONDS.labels(tenant).observe(wait)
         _timing(f"request_wait.{tenant or 'none'}", wait)
+
+
+def node_seconds(tenant: str, label: str, provider: str, state: str, seconds: float) -> None:
+    if seconds > 0:
+        NODE_SECONDS.labels(tenant, label, provider, state).inc(seconds)
 
 
 def controller_pass(name: str, seconds: float) -> None:

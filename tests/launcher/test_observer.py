@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -49,5 +50,39 @@ def test_history_is_rebuilt_from_events_and_follows_them(tmp_path: Path) -> None
         assert sum(p["launches"] for p in points) == 4
         assert points[-1]["ready"] == 2
         assert store.request(request.id).state == RequestState.FULFILLED
+    finally:
+        store.close()
+
+
+def test_node_seconds_count_each_state_for_whom(tmp_path: Path) -> None:
+    """Events stamped after the observer's own clock: each state's time is counted when
+    the node leaves it, exactly what its events say."""
+    from prometheus_client import REGISTRY
+
+    def counted(state: str, tenant: str = "") -> float | None:
+        labels = {"tenant": tenant, "label": "counted", "provider": "p", "state": state}
+        return REGISTRY.get_sample_value("freshpool_node_seconds_total", labels)
+
+    store = Store.open(tmp_path)
+    try:
+        at = [time.time() + 1000.0]
+        store.clock = lambda: at[0]
+        observer = Observer(store)
+        observer.tick(force=True)
+        row = store.new_node("counted", "p", "build", "n")
+        observer.tick(force=True)
+        at[0] += 60
+        store.transition(row.id, N.BUILDING, N.TESTING, "up")
+        at[0] += 120
+        store.transition(row.id, N.TESTING, N.READY, "ready")
+        at[0] += 1800
+        request = store.new_request(["counted"], tenant="team-x")
+        fulfil(store, request.id, ["p"])
+        at[0] += 3600
+        store.release_set(row.id, "done")
+        observer.tick(force=True)
+        assert (counted(N.BUILDING), counted(N.TESTING), counted(N.READY)) == (60, 120, 1800)
+        assert counted(N.IN_USE, "team-x") == 3600
+        assert counted(N.IN_USE) is None
     finally:
         store.close()

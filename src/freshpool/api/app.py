@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from freshpool.api.routes import metrics, nodes, pool, requests, status
+from freshpool.api.routes import metrics, nodes, pool, requests, status, usage
 from freshpool.api.services import Services
 from freshpool.core.errors import HTTP_STATUS, FreshpoolError, code_for
 
@@ -59,7 +59,7 @@ def create_app(svc: Services) -> FastAPI:
     # calls most (each route tried before it costs microseconds on every call).
     most = max(p.max_nodes for p in svc.config.providers)
     app.include_router(requests.create_router([x.name for x in svc.config.labels], most))
-    for module in (requests, pool, nodes, status, metrics):
+    for module in (requests, pool, nodes, status, usage, metrics):
         app.include_router(module.router)
     _honest_openapi(app, open_reads=svc.config.api.open_status)
     static = Path(str(resources.files("freshpool.api").joinpath("static")))

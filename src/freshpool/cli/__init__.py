@@ -11,6 +11,7 @@ from freshpool.cli import (  # noqa: F401 - commands
     nodes,
     serve,
     tokens,
+    usage,
     vm,
 )
 from freshpool.cli.app import app

@@ -84,6 +84,8 @@ def _egress_problem(entry: str) -> str | None:
 
 
 Rate = Annotated[float, Field(gt=0)]
+# Money per node-hour, in whatever currency the operator prices in (one for all).
+PerHour = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -199,6 +201,13 @@ class Provider(Model):
     limits: NodeLimits = NodeLimits()
     # All nodes together: launches stop at what the largest label's node leaves room for.
     limits_total: TotalLimits = TotalLimits()
+    # What a node here costs per hour, for usage accounting (config/pricing.py says
+    # which price wins). Unset everywhere: the cost shows as unknown.
+    cost_per_hour: PerHour | None = None
+    label_cost_per_hour: dict[str, PerHour] = {}
+    # A YAML file of `size: cost per hour` (instance types, flavors); a label's size here
+    # is looked up in it.
+    price_file: Path | None = None
 
     @model_validator(mode="after")
     def _cloud_settings(self) -> Provider:
@@ -228,6 +237,8 @@ class Label(Model):
     max_hold_age: Seconds = 24 * 3600.0
     # This label's nodes' limits, over the provider's `limits`.
     limits: NodeLimits = NodeLimits()
+    # A node of this label's cost per hour where its provider sets no price.
+    cost_per_hour: PerHour | None = None
 
 
 class ApiTls(Model):
@@ -332,6 +343,10 @@ class Config(Model):
             for name in provider.qemu.sizes:
                 if name not in labels:
                     problems.append((("providers", i, "qemu", "sizes"), f"no label named {name!r}"))
+            for name in provider.label_cost_per_hour:
+                if name not in labels:
+                    where = ("providers", i, "label-cost-per-hour", name)
+                    problems.append((where, f"no label named {name!r}"))
         problems += image_parent_problems(self.images)
         problems += self._limit_problems()
         return problems

@@ -62,6 +62,9 @@ class _Seen:
     provider: str
     state: str | None
     since: float
+    tenant: str = ""
+    # freshpool_node_seconds_total holds this node's time in `state` up to here.
+    counted: float = 0.0
 
 
 class Observer:
@@ -155,6 +158,12 @@ class Observer:
             # What happened since this process started counts; older history only charts.
             if event.at >= self._born:
                 self._measure(event, previous)
+        # Nodes whose last change is older than the charts still take up time now.
+        for row in self.store.nodes():
+            if row.id not in self._nodes:
+                self._nodes[row.id] = _Seen(
+                    row.label, row.provider, row.state, row.state_at, row.tenant, self._born
+                )
         self._next_request = self._first_request_since(since)
         self._scan_requests(count_since=self._born)
 
@@ -166,6 +175,8 @@ class Observer:
             self._measure(event, previous)
 
     def _advance(self, now: float) -> None:
+        for seen in self._nodes.values():
+            self._count(seen, now)
         self._scan_requests()
         counts = self.store.node_counts()
         self._buckets[-1].counts = Counter()
@@ -193,13 +204,34 @@ class Observer:
 
     def _remember(self, event: HistoryEvent) -> None:
         seen = self._nodes.get(event.node_id)
+        if seen is not None:
+            self._count(seen, event.at)
         if event.to_state is None:
             self._nodes.pop(event.node_id, None)
             return
         label = event.label or (seen.label if seen else "")
         provider = event.provider or (seen.provider if seen else "")
+        tenant = event.tenant if event.tenant is not None else (seen.tenant if seen else "")
         if seen is None or seen.state != event.to_state:
-            self._nodes[event.node_id] = _Seen(label, provider, event.to_state, event.at)
+            # Time before this process started was never this process's to count.
+            counted = max(event.at, self._born)
+            self._nodes[event.node_id] = _Seen(
+                label, provider, event.to_state, event.at, tenant, counted
+            )
+
+    def _count(self, seen: _Seen, until: float) -> None:
+        """Add a node's time in its state up to `until` to the node-seconds counter.
+
+        A pass counts every live node up to its own clock, and an event another process
+        wrote may carry a time just before that: the overlap (at most one pass) is not
+        taken back, since a counter never goes down. `freshpool usage` reads the
+        history and is exact.
+        """
+        if seen.state is not None and until > seen.counted:
+            metrics.node_seconds(
+                seen.tenant, seen.label, seen.provider, seen.state, until - seen.counted
+            )
+            seen.counted = until
 
     def _chart(self, event: HistoryEvent) -> None:
         bucket = self._bucket_for(event.at)

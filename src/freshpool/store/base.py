@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -34,6 +35,9 @@ def compare_and_set(
 class StoreBase:
     def __init__(self, url: str) -> None:
         self.url = url
+        # Every time the store writes comes from here; tests set it to replay a history
+        # with known timestamps.
+        self.clock: Callable[[], float] = time.time
         self._sqlite = db.SqliteSettings()
         self._checkpointer: db.Checkpointer | None = None
         self.engine = db.make_engine(url, self._sqlite)

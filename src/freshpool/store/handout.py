@@ -13,7 +13,6 @@ a node to two requests.
 from __future__ import annotations
 
 import functools
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,7 +102,7 @@ class HandOutQueries(StoreBase):
         With `wait` false it raises WriteBusy, having done nothing, if another writer
         holds the lock.
         """
-        now = time.time()
+        now = self.clock()
         with self._write(wait) as conn:
             # The queue as it was, then this hand-out's requests behind it.
             pending = _pending(conn)
@@ -245,6 +244,9 @@ def _claim(
             "why": f"handed to request {request.id}",
             "request": request.id,
             "for_tenant": request.tenant,
+            # Not `label`/`provider`: a key named for a column would join the claim's SET.
+            "ev_label": node.label,
+            "ev_provider": node.provider,
         }
         for request, _, picked in claims
         for node in picked
@@ -337,6 +339,9 @@ _HISTORY = insert(node_events).values(
     from_state=NodeState.READY.value,
     to_state=NodeState.IN_USE.value,
     reason=bindparam("why"),
+    label=bindparam("ev_label"),
+    provider=bindparam("ev_provider"),
+    tenant=bindparam("for_tenant"),
 )
 _SETTLE = cas_statement(
     requests,

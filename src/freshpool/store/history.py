@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, fields
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
 from freshpool.core.states import RequestState
 from freshpool.store.base import StoreBase
@@ -20,9 +21,11 @@ class HistoryEvent:
     from_state: str | None
     to_state: str | None
     reason: str
-    # None once the node's row is gone (its label is then known from earlier events).
+    # What the node was at the event; None only for events older than schema 0005 whose
+    # node's row is gone.
     label: str | None
     provider: str | None
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,27 +45,42 @@ _OUTCOME = [f.name for f in fields(RequestOutcome)]
 _IDS_PER_QUERY = 1000
 
 
+def _events() -> Select[Any]:
+    """Node events as HistoryEvents: what the node was, from the event or (events older
+    than schema 0005) from its row while it has one."""
+    return select(
+        node_events.c.id,
+        node_events.c.node_id,
+        node_events.c.at,
+        node_events.c.from_state,
+        node_events.c.to_state,
+        node_events.c.reason,
+        func.coalesce(node_events.c.label, nodes.c.label),
+        func.coalesce(node_events.c.provider, nodes.c.provider),
+        func.coalesce(node_events.c.tenant, nodes.c.tenant),
+    ).select_from(node_events.outerjoin(nodes, nodes.c.id == node_events.c.node_id))
+
+
 class HistoryQueries(StoreBase):
     def events_after(self, cursor: int, limit: int = 10_000) -> list[HistoryEvent]:
         """Node events with id > cursor, oldest first, with the node's label and provider."""
-        query = (
-            select(
-                node_events.c.id,
-                node_events.c.node_id,
-                node_events.c.at,
-                node_events.c.from_state,
-                node_events.c.to_state,
-                node_events.c.reason,
-                nodes.c.label,
-                nodes.c.provider,
-            )
-            .select_from(node_events.outerjoin(nodes, nodes.c.id == node_events.c.node_id))
-            .where(node_events.c.id > cursor)
-            .order_by(node_events.c.id)
-            .limit(limit)
-        )
+        query = _events().where(node_events.c.id > cursor).order_by(node_events.c.id).limit(limit)
         with self._read() as conn:
             return [HistoryEvent(*row) for row in conn.execute(query)]
+
+    def events_during(self, since: float, until: float) -> list[HistoryEvent]:
+        """What accounting needs of [since, until): each node's events in it, after the
+        last event before `since` of every node that existed then. By node, in order."""
+        before = (
+            select(func.max(node_events.c.id))
+            .where(node_events.c.at < since)
+            .group_by(node_events.c.node_id)
+        )
+        alive = _events().where(node_events.c.id.in_(before), node_events.c.to_state.is_not(None))
+        during = _events().where(node_events.c.at >= since, node_events.c.at < until)
+        with self._read() as conn:
+            rows = [HistoryEvent(*row) for q in (alive, during) for row in conn.execute(q)]
+        return sorted(rows, key=lambda e: (e.node_id, e.at, e.id))
 
     def last_event_before(self, at: float) -> int:
         """A cursor from which events_after returns the events at or after `at`."""

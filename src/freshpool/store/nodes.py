@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,10 @@ class EventRow:
     from_state: str | None
     to_state: str | None
     reason: str
+    # What the node was then (None in events older than schema 0005).
+    label: str | None = None
+    provider: str | None = None
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class NodeQueries(StoreBase):
         """
         if count <= 0:
             return []
-        now = time.time()
+        now = self.clock()
         state = NodeState.BUILDING
         row = {
             "label": label,
@@ -95,7 +98,8 @@ class NodeQueries(StoreBase):
                 _SET_HOSTNAME,
                 [{"node": r.id, "name": n} for r, n in zip(inserted, names, strict=True)],
             )
-            _events(conn, [(r.id, None, state, f"launch on {provider}") for r in inserted], now)
+            launched = f"launch on {provider}"
+            _events(conn, [(NodeRow(**r._mapping), None, state, launched) for r in inserted], now)
         return [
             NodeRow(**{**r._mapping, "hostname": n}) for r, n in zip(inserted, names, strict=True)
         ]
@@ -108,13 +112,13 @@ class NodeQueries(StoreBase):
             states.check_node(move.expect, move.to)
         if not moves:
             return []
-        now = time.time()
+        now = self.clock()
         with self._write() as conn:
             results = [_compare_and_set(conn, move, now) for move in moves]
             _events(
                 conn,
                 [
-                    (m.node_id, m.expect, m.to, m.reason)
+                    (r, m.expect, m.to, m.reason)
                     for m, r in zip(moves, results, strict=True)
                     if isinstance(r, NodeRow)
                 ],
@@ -233,12 +237,12 @@ class NodeQueries(StoreBase):
             conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id, nodes.c.state == NodeState.READY)
-                .values(checked_at=time.time())
+                .values(checked_at=self.clock())
             )
 
     def record_delete_failure(self, node_id: int, error: str, retry_at: float) -> None:
         with self._write() as conn:
-            conn.execute(
+            row = conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id, nodes.c.state == NodeState.DELETING)
                 .values(
@@ -246,15 +250,13 @@ class NodeQueries(StoreBase):
                     delete_attempts=nodes.c.delete_attempts + 1,
                     next_attempt_at=retry_at,
                 )
-            )
-            _event(
-                conn,
-                node_id,
-                NodeState.DELETING,
-                NodeState.DELETING,
-                f"delete failed, will retry: {error}",
-                time.time(),
-            )
+                .returning(*nodes.c)
+            ).first()
+            if row is None:
+                return
+            why = f"delete failed, will retry: {error}"
+            gone = NodeState.DELETING
+            _events(conn, [(NodeRow(**row._mapping), gone, gone, why)], self.clock())
 
     def remove_node(self, node_id: int, reason: str) -> None:
         """Drop a node's row; only a node in `deleting` whose instance is confirmed gone."""
@@ -267,24 +269,18 @@ class NodeQueries(StoreBase):
         None if removed or StaleState if the node was not deleting (and stays)."""
         if not removals:
             return []
-        now = time.time()
+        now = self.clock()
         results: list[StaleState | None] = []
+        removed: list[tuple[NodeRow, str | None, str | None, str]] = []
         with self._write() as conn:
-            for node_id, _ in removals:
-                if conn.execute(_REMOVE, {"node": node_id}).rowcount == 1:
+            for node_id, why in removals:
+                row = conn.execute(_REMOVE, {"node": node_id}).first()
+                if row is not None:
                     results.append(None)
+                    removed.append((NodeRow(**row._mapping), NodeState.DELETING, None, why))
                     continue
                 results.append(_stale(conn, node_id, NodeState.DELETING))
-            gone = NodeState.DELETING
-            _events(
-                conn,
-                [
-                    (node_id, gone, None, why)
-                    for (node_id, why), result in zip(removals, results, strict=True)
-                    if result is None
-                ],
-                now,
-            )
+            _events(conn, removed, now)
         return results
 
     def events(self, node_id: int) -> list[EventRow]:
@@ -305,33 +301,47 @@ _LEASE = (
     .where(nodes.c.id == bindparam("node"), nodes.c.state == NodeState.DELETING)
     .values(next_attempt_at=bindparam("until"))
 )
-_REMOVE = delete(nodes).where(nodes.c.id == bindparam("node"), nodes.c.state == NodeState.DELETING)
-_EVENT = insert(node_events).values(
+# The removed row comes back so its event can say what the node was.
+_REMOVE = (
+    delete(nodes)
+    .where(nodes.c.id == bindparam("node"), nodes.c.state == NodeState.DELETING)
+    .returning(*nodes.c)
+)
+EVENT = insert(node_events).values(
     node_id=bindparam("node"),
     at=bindparam("at"),
     from_state=bindparam("old"),
     to_state=bindparam("new"),
     reason=bindparam("why"),
+    label=bindparam("ev_label"),
+    provider=bindparam("ev_provider"),
+    tenant=bindparam("ev_tenant"),
 )
 
 
-def _event(
-    conn: Connection, node_id: int, old: str | None, new: str | None, reason: str, at: float
-) -> None:
-    _events(conn, [(node_id, old, new, reason)], at)
+def event_params(
+    node: NodeRow, at: float, old: str | None, new: str | None, why: str
+) -> dict[str, Any]:
+    """One EVENT's parameters: the move, and what the node was (its row as the move left it)."""
+    return {
+        "node": node.id,
+        "at": at,
+        "old": old,
+        "new": new,
+        "why": why,
+        "ev_label": node.label,
+        "ev_provider": node.provider,
+        "ev_tenant": node.tenant,
+    }
 
 
 def _events(
-    conn: Connection, events: Sequence[tuple[int, str | None, str | None, str]], at: float
+    conn: Connection, events: Sequence[tuple[NodeRow, str | None, str | None, str]], at: float
 ) -> None:
-    """History: (node, from state, to state, why) each, all at `at`, in one statement."""
+    """History: (node row, from state, to state, why) each, all at `at`, in one statement."""
     if events:
         conn.execute(
-            _EVENT,
-            [
-                {"node": node, "at": at, "old": old, "new": new, "why": why}
-                for node, old, new, why in events
-            ],
+            EVENT, [event_params(node, at, old, new, why) for node, old, new, why in events]
         )
 
 
@@ -372,15 +382,14 @@ def transition_in(
     expect: NodeState,
     to: NodeState,
     reason: str,
-    values: dict[str, Any] | None = None,
+    now: float,
 ) -> NodeRow:
-    """One move inside the caller's transaction; raises StaleState if the node moved."""
+    """One move inside the caller's transaction, at `now`; raises StaleState if the node moved."""
     states.check_node(expect, to)
-    now = time.time()
-    result = _compare_and_set(conn, Move(node_id, expect, to, reason, values or {}), now)
+    result = _compare_and_set(conn, Move(node_id, expect, to, reason), now)
     if isinstance(result, StaleState):
         raise result
-    _event(conn, node_id, expect, to, reason, now)
+    _events(conn, [(result, expect, to, reason)], now)
     return result
 
 

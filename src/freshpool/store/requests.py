@@ -3,18 +3,17 @@ finishing, cancelling, releasing the set, and the one job a node runs."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Select, and_, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, Select, and_, exists, func, or_, select, update
 
 from freshpool.core import states
 from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState, RequestState
 from freshpool.store.base import StoreBase, compare_and_set
-from freshpool.store.nodes import NodeRow, node_in, transition_in
+from freshpool.store.nodes import EVENT, NodeRow, event_params, node_in, transition_in
 from freshpool.store.schema import node_events, nodes, requests
 
 # The one event that is not a state change: the job on an in-use node started.
@@ -113,7 +112,7 @@ class RequestQueries(StoreBase):
     def finish_request(self, request_id: int, to: RequestState, reason: str) -> RequestRow:
         """A pending request fails (or is cancelled) without nodes."""
         states.check_request(RequestState.PENDING, to)
-        values = {"state": to, "reason": reason, "state_at": time.time()}
+        values = {"state": to, "reason": reason, "state_at": self.clock()}
         with self._write() as conn:
             if not compare_and_set(conn, requests, request_id, RequestState.PENDING, values):
                 raise StaleState(f"request {request_id} is no longer pending")
@@ -125,7 +124,7 @@ class RequestQueries(StoreBase):
         Returns the request and the nodes sent to deletion. Cancelling a cancelled
         request changes nothing; a failed one cannot be cancelled.
         """
-        now = time.time()
+        now = self.clock()
         with self._write() as conn:
             request = _request(conn, request_id)
             if request.state == RequestState.CANCELLED:
@@ -135,7 +134,7 @@ class RequestQueries(StoreBase):
             if not compare_and_set(conn, requests, request_id, request.state, values):
                 raise StaleState(f"request {request_id} changed; try again")
             deleted = [
-                transition_in(conn, node_id, NodeState.IN_USE, NodeState.DELETING, reason)
+                transition_in(conn, node_id, NodeState.IN_USE, NodeState.DELETING, reason, now)
                 for node_id in _in_use_of(conn, request_id)
             ]
             return _request(conn, request_id), deleted
@@ -151,9 +150,13 @@ class RequestQueries(StoreBase):
             if node.state != NodeState.IN_USE or node.request_id is None:
                 # A held node, or one handed out some other way: only itself.
                 states.check_node(node.state, NodeState.USED)
-                return [transition_in(conn, node_id, NodeState(node.state), NodeState.USED, reason)]
+                return [
+                    transition_in(
+                        conn, node_id, NodeState(node.state), NodeState.USED, reason, self.clock()
+                    )
+                ]
             return [
-                transition_in(conn, other, NodeState.IN_USE, NodeState.USED, reason)
+                transition_in(conn, other, NodeState.IN_USE, NodeState.USED, reason, self.clock())
                 for other in _in_use_of(conn, node.request_id)
             ]
 
@@ -165,7 +168,7 @@ class RequestQueries(StoreBase):
             if not ids:
                 raise StaleState(f"request {request_id} ({request.state}) has no node in use")
             return [
-                transition_in(conn, node_id, NodeState.IN_USE, NodeState.USED, reason)
+                transition_in(conn, node_id, NodeState.IN_USE, NodeState.USED, reason, self.clock())
                 for node_id in ids
             ]
 
@@ -191,15 +194,8 @@ class RequestQueries(StoreBase):
             ).rowcount
             if changed != 1:
                 raise StaleState(f"node {node_id} already ran a job; a node is used once")
-            conn.execute(
-                insert(node_events).values(
-                    node_id=node_id,
-                    at=time.time(),
-                    from_state=NodeState.IN_USE,
-                    to_state=NodeState.IN_USE,
-                    reason=reason,
-                )
-            )
+            at, in_use = self.clock(), NodeState.IN_USE
+            conn.execute(EVENT, event_params(node, at, in_use, in_use, reason))
             return node_in(conn, node_id)
 
     def job_started_at(self, node_id: int) -> float | None:

@@ -153,5 +153,13 @@ node_events = Table(
     Column("from_state", String(16)),
     Column("to_state", String(16)),
     Column("reason", Text, nullable=False, server_default=""),
+    # What the node was when the event happened, kept here because the node's row goes
+    # when it is deleted and cost accounting needs them after: the tenant is the one
+    # the node was handed to ("" before a hand-out). NULL in events older than 0005.
+    Column("label", String(64)),
+    Column("provider", String(64)),
+    Column("tenant", String(64)),
 )
 Index("ix_node_events_node", node_events.c.node_id, node_events.c.at)
+# Usage reads a window of history by time.
+Index("ix_node_events_at", node_events.c.at)
