@@ -177,7 +177,7 @@ def decayed(peak: Peak | None, wanted: int, now: float) -> int:
     half-life if down (so a lull between bursts does not empty the pool)."""
     if peak is None or wanted >= peak.value:
         return wanted
-    keep = 0.5 ** (max(now - peak.at, 0.0) / DECAY_HALF_LIFE)
+    keep: float = 0.5 ** (max(now - peak.at, 0.0) / DECAY_HALF_LIFE)
     return max(wanted, math.floor(wanted + (peak.value - wanted) * keep + 0.5))
 
 
@@ -211,18 +211,19 @@ def decide(
     source = "reactive (burst)" if burst > planned else "forecast"
     if seen.seasonal is None and burst <= policy.min:
         source = "short history: min"
-    moved = decayed(peak, wanted, now)
-    target, bound = clamp(policy, moved)
+    bounded, bound = clamp(policy, wanted)
+    # Decay within the bounds, so a capped burst does not leave a phantom peak above them.
+    moved = decayed(peak, bounded, now)
+    target, _ = clamp(policy, moved)
     parts = [
         f"{source}: covers {policy.service_level:.0%} of requests within"
         f" {policy.target_wait:g} s over a {launch:.0f} s launch",
         f"wants {wanted}",
     ]
-    if moved != wanted and peak is not None:
+    if moved != bounded and peak is not None:
         parts.append(f"decaying from {peak.value} (half-life {DECAY_HALF_LIFE / 60:.0f} min)")
     if bound:
         parts.append(bound)
-    rose = peak is None or moved == wanted
-    return Decision(
-        target, seen, launch, wanted, "; ".join(parts), Peak(moved, now) if rose else peak
-    )
+    # A rise (or a decay that has arrived) is what later decays start from.
+    after = peak if peak is not None and moved != bounded else Peak(target, now)
+    return Decision(target, seen, launch, wanted, "; ".join(parts), after)
