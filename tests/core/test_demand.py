@@ -34,7 +34,7 @@ def test_short_history_falls_back_to_min() -> None:
     now = MONDAY + 10 * 3600
     arrivals = steady(now - 3 * 3600, now - 1800, 600)
     decision = demand.decide(POLICY, arrivals, now, first_seen=now - 3 * 3600, launch=30)
-    assert decision.forecast.seasonal is None
+    assert decision.forecast.season is None
     assert decision.target == POLICY.min
     assert "short history" in decision.why
 
@@ -43,7 +43,8 @@ def test_a_day_of_history_forecasts_the_morning_before_it_comes() -> None:
     history = working_hours(8, every=20)  # Monday to the next Monday's end
     now = MONDAY + 8 * DAY + 9 * 3600  # Tuesday 09:00, nothing yet today
     decision = demand.decide(POLICY, history, now, first_seen=MONDAY, launch=60)
-    assert decision.forecast.seasonal == pytest.approx(1 / 20, rel=0.05)
+    assert decision.forecast.season is not None
+    assert decision.forecast.season.rate == pytest.approx(1 / 20, rel=0.05)
     # 3 per minute over a 59 s lead: a Poisson(2.95) at 95% needs 7 nodes.
     assert decision.target == demand.base_stock(1 / 20, 59, 0.95) == 7
     # The same hour on a Saturday: weekends are other days, no demand then.
@@ -102,8 +103,25 @@ def test_recent_trend_scales_the_seasonal_rate() -> None:
     history = working_hours(8, every=20)
     now = MONDAY + 8 * DAY + 12 * 3600  # Tuesday noon
     busier = history + steady(now - 3600, now, 10)  # today's last hour at twice the usual
-    usual = demand.forecast(history + steady(now - 3600, now, 20), now, MONDAY)
-    trend = demand.forecast(busier, now, MONDAY)
+    seen = demand.season(history, now, MONDAY, lead=30, service_level=0.95)
+    usual = demand.forecast(history + steady(now - 3600, now, 20), now, MONDAY, seen)
+    trend = demand.forecast(busier, now, MONDAY, seen)
     assert usual.trend == pytest.approx(1.0, rel=0.05)
     assert trend.trend == pytest.approx(2.0, rel=0.05)
     assert trend.rate == pytest.approx(2 * usual.rate, rel=0.1)
+
+
+def test_bursts_on_past_days_are_covered_before_they_come() -> None:
+    history = working_hours(8, every=600)
+    # Every weekday at 10:05, a merge starts 25 jobs within 20 s.
+    for d in range(8):
+        day = MONDAY + d * DAY
+        if int(day // DAY) % 7 not in (2, 3):
+            history += steady(day + 10 * 3600 + 300, day + 10 * 3600 + 320, 0.8)
+    history.sort()
+    now = MONDAY + 8 * DAY + 10 * 3600  # Tuesday 10:00
+    decision = demand.decide(POLICY, history, now, first_seen=MONDAY, launch=60)
+    assert decision.forecast.season is not None and decision.forecast.season.burst == 25
+    assert decision.target == 25
+    # A Poisson count at the same mean rate would have kept far fewer.
+    assert demand.base_stock(decision.forecast.rate, 59, 0.95) < 10

@@ -17,7 +17,11 @@ The forecast rate is the larger of
   last four weeks, scaled by the recent trend (the last hour against the same hour
   on those days, bounded); used only once there is a day of history;
 - the last hour's rate.
-A reactive rate (the last few minutes) raises the target at once in a burst.
+CI demand comes in bursts (a merge starts many jobs at once) that a Poisson count
+underrates, so the season also gives the most requests seen within one lead time
+in that window on those days (at the service level's quantile), and the target
+covers that too. A reactive rate (the last few minutes) raises the target at once
+in a burst the season did not foresee.
 Lower targets take effect slowly (a half-life), higher ones at once.
 """
 
@@ -44,6 +48,8 @@ REACTIVE = 300.0
 TREND_BOUNDS = (0.5, 2.0)
 # A lowered target closes half its gap to the new value in this many seconds.
 DECAY_HALF_LIFE = 1800.0
+# The season moves slowly; it is recomputed this often (seconds).
+SEASON_REFRESH = 300.0
 # Launch times assumed: this quantile of recent launches.
 LAUNCH_QUANTILE = 0.9
 
@@ -61,10 +67,22 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Season:
+    """What past days of the same kind say about the next WINDOW: the rate then, the
+    most requests that came within one lead time then (bursts), and the rate in the
+    hour before (to compare today's with). Each is a quantile over those days."""
+
+    rate: float
+    burst: int
+    before: float
+    days: int
+
+
+@dataclass(frozen=True)
 class Forecast:
     """What the target was chosen from: rates in requests per second."""
 
-    seasonal: float | None
+    season: Season | None
     recent: float
     reactive: float
     trend: float
@@ -72,11 +90,13 @@ class Forecast:
     history: float
 
     def describe(self) -> str:
-        seasonal = (
-            f"seasonal {self.seasonal * 3600:.1f}/h x trend {self.trend:.2f}"
-            if self.seasonal is not None
-            else f"seasonal: history {self.history / 3600:.1f} h is short of a day"
-        )
+        if self.season is None:
+            seasonal = f"seasonal: history {self.history / 3600:.1f} h is short of a day"
+        else:
+            seasonal = (
+                f"seasonal {self.season.rate * 3600:.1f}/h x trend {self.trend:.2f},"
+                f" bursts of {self.season.burst} ({self.season.days} past days)"
+            )
         return (
             f"{seasonal}; last hour {self.recent * 3600:.1f}/h;"
             f" last {REACTIVE / 60:.0f} min {self.reactive * 3600:.1f}/h"
@@ -101,6 +121,17 @@ def count_between(times: Sequence[float], start: float, end: float) -> int:
     return bisect_left(times, end) - bisect_left(times, start)
 
 
+def most_within(times: Sequence[float], start: float, end: float, span: float) -> int:
+    """The most of the sorted `times` in [start, end) that fall within `span` seconds."""
+    first, last = bisect_left(times, start), bisect_left(times, end)
+    most, behind = 0, first
+    for at in range(first, last):
+        while times[at] - times[behind] >= span:
+            behind += 1
+        most = max(most, at - behind + 1)
+    return most
+
+
 def _weekend(at: float) -> bool:
     # The epoch was a Thursday: day 2 of a week counted from Thursday is Saturday.
     return int(at // DAY) % 7 in (2, 3)
@@ -116,32 +147,48 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
-def forecast(arrivals: Sequence[float], now: float, first_seen: float) -> Forecast:
+def season(
+    arrivals: Sequence[float], now: float, first_seen: float, lead: float, service_level: float
+) -> Season | None:
+    """The seasonal view of the next WINDOW (None while history is short of a day).
+    It moves slowly: callers may keep one for a few minutes (SEASON_REFRESH)."""
+    if now - first_seen < MIN_HISTORY:
+        return None
+    ahead: list[float] = []
+    bursts: list[float] = []
+    behind: list[float] = []
+    for days in range(1, SEASON_DAYS + 1):
+        then = now - days * DAY
+        if then < first_seen:
+            break
+        if _weekend(then) != _weekend(now):
+            continue
+        ahead.append(count_between(arrivals, then, then + WINDOW) / WINDOW)
+        bursts.append(most_within(arrivals, then, then + WINDOW, lead) if lead > 0 else 0)
+        behind.append(count_between(arrivals, then - RECENT, then) / RECENT)
+    if not ahead:
+        return None
+    return Season(
+        rate=quantile(ahead, SEASONAL_QUANTILE),
+        burst=math.ceil(quantile(bursts, service_level)),
+        before=sum(behind) / len(behind),
+        days=len(ahead),
+    )
+
+
+def forecast(
+    arrivals: Sequence[float], now: float, first_seen: float, seen: Season | None
+) -> Forecast:
     """The request rate to expect over the next WINDOW, from sorted arrival times
-    (only those before `now` are used) and when history began."""
+    (only those before `now` are used), when history began, and the season."""
     history = max(0.0, now - first_seen)
     recent = count_between(arrivals, now - RECENT, now) / RECENT
     reactive = count_between(arrivals, now - REACTIVE, now) / REACTIVE
-    seasonal: float | None = None
     trend = 1.0
-    if history >= MIN_HISTORY:
-        ahead: list[float] = []
-        behind: list[float] = []
-        for days in range(1, SEASON_DAYS + 1):
-            then = now - days * DAY
-            if then < first_seen:
-                break
-            if _weekend(then) != _weekend(now):
-                continue
-            ahead.append(count_between(arrivals, then, then + WINDOW) / WINDOW)
-            behind.append(count_between(arrivals, then - RECENT, then) / RECENT)
-        if ahead:
-            seasonal = quantile(ahead, SEASONAL_QUANTILE)
-            usual = sum(behind) / len(behind)
-            if usual > 0:
-                trend = min(max(recent / usual, TREND_BOUNDS[0]), TREND_BOUNDS[1])
-    rate = max((seasonal or 0.0) * trend, recent)
-    return Forecast(seasonal, recent, reactive, trend, rate, history)
+    if seen is not None and seen.before > 0:
+        trend = min(max(recent / seen.before, TREND_BOUNDS[0]), TREND_BOUNDS[1])
+    rate = max((seen.rate if seen else 0.0) * trend, recent)
+    return Forecast(seen, recent, reactive, trend, rate, history)
 
 
 def base_stock(rate: float, lead: float, service_level: float) -> int:
@@ -192,6 +239,11 @@ def clamp(policy: Policy, wanted: int) -> tuple[int, str]:
     return wanted, ""
 
 
+def lead_time(policy: Policy, launch: float) -> float:
+    """The seconds of arrivals the warm pool must cover: a launch less the wait allowed."""
+    return max(launch - policy.target_wait, 0.0)
+
+
 def decide(
     policy: Policy,
     arrivals: Sequence[float],
@@ -200,16 +252,32 @@ def decide(
     launch: float,
     peak: Peak | None = None,
 ) -> Decision:
-    """The target ready count for now: base stock over the forecast and the reactive
-    rate, decaying from the last rise (`peak`, from the previous decision), within
-    the policy's bounds."""
-    seen = forecast(arrivals, now, first_seen)
-    lead = max(launch - policy.target_wait, 0.0)
-    planned = base_stock(seen.rate, lead, policy.service_level) if seen.seasonal is not None else 0
-    burst = base_stock(seen.reactive, lead, policy.service_level)
+    """decide_with a season computed now."""
+    seen = season(arrivals, now, first_seen, lead_time(policy, launch), policy.service_level)
+    return decide_with(policy, seen, arrivals, now, first_seen, launch, peak)
+
+
+def decide_with(
+    policy: Policy,
+    seen: Season | None,
+    arrivals: Sequence[float],
+    now: float,
+    first_seen: float,
+    launch: float,
+    peak: Peak | None = None,
+) -> Decision:
+    """The target ready count for now: base stock over the forecast rate, the
+    season's bursts and the reactive rate, decaying from the last rise (`peak`,
+    from the previous decision), within the policy's bounds."""
+    ahead = forecast(arrivals, now, first_seen, seen)
+    lead = lead_time(policy, launch)
+    planned = 0
+    if seen is not None:
+        planned = max(base_stock(ahead.rate, lead, policy.service_level), seen.burst)
+    burst = base_stock(ahead.reactive, lead, policy.service_level)
     wanted = max(planned, burst)
     source = "reactive (burst)" if burst > planned else "forecast"
-    if seen.seasonal is None and burst <= policy.min:
+    if seen is None and burst <= policy.min:
         source = "short history: min"
     bounded, bound = clamp(policy, wanted)
     # Decay within the bounds, so a capped burst does not leave a phantom peak above them.
@@ -226,4 +294,4 @@ def decide(
         parts.append(bound)
     # A rise (or a decay that has arrived) is what later decays start from.
     after = peak if peak is not None and moved != bounded else Peak(target, now)
-    return Decision(target, seen, launch, wanted, "; ".join(parts), after)
+    return Decision(target, ahead, launch, wanted, "; ".join(parts), after)

@@ -41,6 +41,7 @@ class DemandController:
         self._peaks: dict[str, demand.Peak] = {}
         self._launch: dict[str, float] = {}
         self._launch_read = -LAUNCH_REFRESH
+        self._seasons: dict[str, tuple[float, demand.Season | None]] = {}
         self._next = 0.0
         self.decisions: dict[str, demand.Decision] = {}
 
@@ -111,14 +112,15 @@ class DemandController:
         return demand.Policy(auto.min, auto.max, auto.target_wait, auto.service_level, cap)
 
     def _decide(self, label: Label, now: float) -> None:
-        name = label.name
-        decision = demand.decide(
-            self._policy(label),
-            self._arrivals[name],
-            now,
-            self._first_seen,
-            self._launch[name],
-            self._peaks.get(name),
+        name, policy, launch = label.name, self._policy(label), self._launch[label.name]
+        arrivals = self._arrivals[name]
+        made, seen = self._seasons.get(name, (-demand.SEASON_REFRESH, None))
+        if now - made >= demand.SEASON_REFRESH:
+            lead = demand.lead_time(policy, launch)
+            seen = demand.season(arrivals, now, self._first_seen, lead, policy.service_level)
+            self._seasons[name] = (now, seen)
+        decision = demand.decide_with(
+            policy, seen, arrivals, now, self._first_seen, launch, self._peaks.get(name)
         )
         self._peaks[name] = decision.peak
         self.decisions[name] = decision
