@@ -103,7 +103,7 @@ def test_recent_trend_scales_the_seasonal_rate() -> None:
     history = working_hours(8, every=20)
     now = MONDAY + 8 * DAY + 12 * 3600  # Tuesday noon
     busier = history + steady(now - 3600, now, 10)  # today's last hour at twice the usual
-    seen = demand.season(history, now, MONDAY, lead=30, service_level=0.95)
+    seen = demand.season(history, now, MONDAY, lead=30)
     usual = demand.forecast(history + steady(now - 3600, now, 20), now, MONDAY, seen)
     trend = demand.forecast(busier, now, MONDAY, seen)
     assert usual.trend == pytest.approx(1.0, rel=0.05)

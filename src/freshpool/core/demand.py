@@ -19,7 +19,7 @@ The forecast rate is the larger of
 - the last hour's rate.
 CI demand comes in bursts (a merge starts many jobs at once) that a Poisson count
 underrates, so the season also gives the most requests seen within one lead time
-in that window on those days (at the service level's quantile), and the target
+in that window on those days (the same quantile), and the target
 covers that too. A reactive rate (the last few minutes) raises the target at once
 in a burst the season did not foresee.
 Lower targets take effect slowly (a half-life), higher ones at once.
@@ -147,9 +147,7 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
-def season(
-    arrivals: Sequence[float], now: float, first_seen: float, lead: float, service_level: float
-) -> Season | None:
+def season(arrivals: Sequence[float], now: float, first_seen: float, lead: float) -> Season | None:
     """The seasonal view of the next WINDOW (None while history is short of a day).
     It moves slowly: callers may keep one for a few minutes (SEASON_REFRESH)."""
     if now - first_seen < MIN_HISTORY:
@@ -170,7 +168,7 @@ def season(
         return None
     return Season(
         rate=quantile(ahead, SEASONAL_QUANTILE),
-        burst=math.ceil(quantile(bursts, service_level)),
+        burst=math.ceil(quantile(bursts, SEASONAL_QUANTILE)),
         before=sum(behind) / len(behind),
         days=len(ahead),
     )
@@ -253,7 +251,7 @@ def decide(
     peak: Peak | None = None,
 ) -> Decision:
     """decide_with a season computed now."""
-    seen = season(arrivals, now, first_seen, lead_time(policy, launch), policy.service_level)
+    seen = season(arrivals, now, first_seen, lead_time(policy, launch))
     return decide_with(policy, seen, arrivals, now, first_seen, launch, peak)
 
 

@@ -117,7 +117,7 @@ class DemandController:
         made, seen = self._seasons.get(name, (-demand.SEASON_REFRESH, None))
         if now - made >= demand.SEASON_REFRESH:
             lead = demand.lead_time(policy, launch)
-            seen = demand.season(arrivals, now, self._first_seen, lead, policy.service_level)
+            seen = demand.season(arrivals, now, self._first_seen, lead)
             self._seasons[name] = (now, seen)
         decision = demand.decide_with(
             policy, seen, arrivals, now, self._first_seen, launch, self._peaks.get(name)
