@@ -109,9 +109,13 @@ class Replay:
         return max(0.0, min(end, self.end) - max(begin, self.since))
 
     def run(self) -> Outcome:
+        # The pool was filled to its first target before the trace began.
+        for name, label in self.labels.items():
+            self._reconcile(label, name, self.start - 10 * self.model.launch_median)
         while self.events:
             at, _, kind, name, value = heapq.heappop(self.events)
-            if at > self.end:
+            # Past the end only to serve what still waits (node time stops at the end).
+            if at > self.end and not any(x.waiting for x in self.labels.values()):
                 break
             if kind == "tick":
                 self._tick(at)

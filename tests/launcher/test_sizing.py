@@ -4,6 +4,10 @@ change of target is in the store's history."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,13 +41,25 @@ images:
 
 
 def auto_launcher(tmp_path: Path) -> Launcher:
-    config = parse(CONFIG.format(state=tmp_path / "state"), "auto.yaml")
+    text = CONFIG.format(state=tmp_path / "state")
+    (tmp_path / "auto.yaml").write_text(text)
+    config = parse(text, "auto.yaml")
     store = Store.open(config.state_dir)
     if store.serving_build("img") is None:
         build = store.new_build("img-1", "img", str(tmp_path / "no-layers"))
         store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "sim")
     drivers = {p.name: load_driver(p, store.cluster_id, config.state_dir) for p in config.providers}
     return launching.build(config, store, drivers, images=False, publish=False)
+
+
+def labels_why(tmp_path: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "freshpool", "--config", str(tmp_path / "auto.yaml"), "labels",
+         "--why"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def ready(launcher: Launcher, label: str = "debian") -> int:
@@ -71,6 +87,15 @@ def test_a_burst_raises_the_warm_pool_and_quiet_lowers_it(tmp_path: Path) -> Non
     raised = store.target_history("debian")[0]
     assert (raised.previous, raised.target) == (1, 6)
     assert "reactive" in raised.why and "capped at max 6" in raised.why
+
+    # `labels --why` says so.
+    shown = labels_why(tmp_path)
+    assert re.search(r"debian\s+auto 1-6, 95% within 0 s\s+6\s+6\s", shown), shown
+    assert re.search(r"fixed\s+1\s+1\s+1\s", shown), shown
+    assert "debian: target 6 (auto 1-6" in shown
+    assert "launch time assumed 60 s" in shown  # none launched yet when it rose: the fallback
+    assert "why: reactive (burst): covers 95% of requests within 0 s" in shown
+    assert "1 -> 6" in shown and "fixed: fixed min-ready 1" in shown
 
     # Hours later with no requests: the target has decayed to min, the rest deleted.
     later[0] = 10 * 3600
