@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from freshpool import launcher as launching
 from freshpool.config import parse
 from freshpool.core.states import BuildState
@@ -87,6 +89,8 @@ def test_a_burst_raises_the_warm_pool_and_quiet_lowers_it(tmp_path: Path) -> Non
     raised = store.target_history("debian")[0]
     assert (raised.previous, raised.target) == (1, 6)
     assert "reactive" in raised.why and "capped at max 6" in raised.why
+
+    assert REGISTRY.get_sample_value("freshpool_ready_target", {"label": "debian"}) == 6
 
     # `labels --why` says so.
     shown = labels_why(tmp_path)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from freshpool import metrics
 from freshpool.config import Label
 from freshpool.core import demand
 from freshpool.core.errors import StaleState
@@ -128,6 +129,7 @@ class DemandController:
         if previous == decision.target:
             return
         self.shared.ready_targets[name] = decision.target
+        metrics.ready_target(name, decision.target)
         why = f"{decision.why}; {decision.forecast.describe()}"
         self.shared.store.record_target(
             name, now, decision.target, previous, decision.forecast.rate, decision.launch_time, why
