@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from statsd import StatsClient
 
 from freshpool.config import Statsd
@@ -72,6 +72,11 @@ CONTROLLER_ERRORS = Counter(
     "freshpool_launcher_errors",
     "Exceptions a launcher controller raised (it sits out a backoff, serve goes on).",
     ["controller"],
+)
+READY_TARGET = Gauge(
+    "freshpool_ready_target",
+    "A min-ready: auto label's warm-pool target, as the demand controller last chose it.",
+    ["label"],
 )
 
 _statsd: StatsClient | None = None
@@ -146,6 +151,13 @@ def controller_error(name: str) -> None:
 def failure(cause: str) -> None:
     FAILURES.labels(cause).inc()
     _incr(f"failures.{cause}")
+
+
+def ready_target(label: str, target: int) -> None:
+    READY_TARGET.labels(label).set(target)
+    client = _statsd
+    if client is not None:
+        client.gauge(f"ready_target.{label}", target)
 
 
 def leaked(count: int = 1) -> None:

@@ -181,10 +181,25 @@ class RequestOut(BaseModel):
         )
 
 
+class AutoTargetOut(BaseModel):
+    """A `min-ready: auto` label's settings and the target it was last given."""
+
+    min: int
+    max: int
+    target_wait: float
+    service_level: float
+    target: int | None = Field(description="None until the launcher has chosen one.")
+    target_at: float | None = None
+    forecast_per_hour: float | None = Field(None, description="Requests per hour expected.")
+    launch_time: float | None = Field(None, description="Seconds a launch was assumed to take.")
+    why: str = ""
+
+
 class LabelOut(BaseModel):
     name: str
     image: str
-    min_ready: int
+    min_ready: int = Field(description="Ready nodes kept: the fixed value, or auto's target.")
+    auto: AutoTargetOut | None = None
     ready: int
     building: int = Field(description="Launching or being tested.")
     in_use: int

@@ -8,6 +8,7 @@ from freshpool.cli import (  # noqa: F401 - commands
     images,
     importing,
     jenkins,
+    labels,
     nodes,
     serve,
     tokens,

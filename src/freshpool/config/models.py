@@ -10,7 +10,15 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, ByteSize, Field, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ByteSize,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from freshpool.config.base import Model, Name, Seconds
 from freshpool.config.clouds import AwsSettings, OpenStackSettings
@@ -221,10 +229,56 @@ class Provider(Model):
         return self.labels is None or label in self.labels
 
 
+class AutoReady(Model):
+    """`min-ready: {auto: ...}`: the warm pool sized from past demand (core/demand.py)."""
+
+    min: int = Field(default=0, ge=0)
+    # Required: a forecast gone wrong must not launch without bound.
+    max: int = Field(ge=1)
+    # Seconds a request may wait for its node and still count as served at once.
+    target_wait: Annotated[float, Field(ge=0)] = 1.0
+    # The share of requests that should wait no longer than target-wait.
+    service_level: float = Field(default=0.95, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoReady:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is more than max {self.max}")
+        return self
+
+
+class MinReadyAuto(Model):
+    auto: AutoReady
+
+
+def _auto_needs_settings(value: object) -> object:
+    if value == "auto":
+        raise ValueError(
+            "min-ready: auto needs at least a max: write min-ready: {auto: {max: N}}"
+            " (and optionally min, target-wait, service-level)"
+        )
+    auto = value.get("auto") if isinstance(value, dict) else None
+    if isinstance(auto, dict) and "max" not in auto:
+        raise ValueError("min-ready: {auto: ...} needs a max (the most ready nodes to keep)")
+    return value
+
+
+def _ready_kind(value: object) -> str:
+    # One kind's errors only: a mapping is auto's settings, anything else a count.
+    # (The tags are in brackets so the loader leaves them out of error paths.)
+    return "[auto]" if isinstance(value, dict | MinReadyAuto) else "[count]"
+
+
 class Label(Model):
     name: Name
     image: Name
-    min_ready: int = Field(default=1, ge=0)
+    # A fixed warm pool, or {auto: {min, max, target-wait, service-level}}.
+    min_ready: Annotated[
+        Annotated[Annotated[int, Field(ge=0)], Tag("[count]")]
+        | Annotated[MinReadyAuto, Tag("[auto]")],
+        Discriminator(_ready_kind),
+        BeforeValidator(_auto_needs_settings),
+    ] = 1
     max_ready_age: Seconds | None = None
     ready_command: str = "true"
     test_timeout: Seconds = 30.0
@@ -239,6 +293,16 @@ class Label(Model):
     limits: NodeLimits = NodeLimits()
     # A node of this label's cost per hour where its provider sets no price.
     cost_per_hour: PerHour | None = None
+
+    @property
+    def auto(self) -> AutoReady | None:
+        return self.min_ready.auto if isinstance(self.min_ready, MinReadyAuto) else None
+
+    @property
+    def ready_floor(self) -> int:
+        """The ready nodes kept when nothing else is known: the fixed min-ready, or
+        auto's min (until the demand controller has chosen a target)."""
+        return self.min_ready if isinstance(self.min_ready, int) else self.min_ready.auto.min
 
 
 class ApiTls(Model):

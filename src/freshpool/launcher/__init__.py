@@ -1,6 +1,7 @@
 """`serve`'s main process: a runner (runner.py) passing over controllers, each with its
-own error boundary: nodes (launch, test, delete), upkeep (timeouts, health checks,
-request deadlines), leaks, images (builds, validation, uploads, garbage) and metrics.
+own error boundary: demand (auto warm-pool targets), nodes (launch, test, delete),
+upkeep (timeouts, health checks, request deadlines), leaks, images (builds,
+validation, uploads, garbage) and metrics.
 `build` puts them together."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from freshpool.launcher.leaks import LeakController
 from freshpool.launcher.nodes import NodeController
 from freshpool.launcher.publishing import PublishingController
 from freshpool.launcher.runner import Controller, Runner
+from freshpool.launcher.sizing import DemandController
 from freshpool.launcher.upkeep import UpkeepController
 from freshpool.store import Store
 
@@ -29,10 +31,12 @@ class Launcher(Runner):
         self.shared = shared
         self.nodes = NodeController(shared)
         self.leaks = LeakController(shared)
+        self.demand = DemandController(shared)
         self.images: ImageController | None = None
         # Recovery (the leak controller's start) comes before any launch.
         controllers: list[Controller] = [
             self.leaks,
+            self.demand,
             self.nodes,
             UpkeepController(shared, self.nodes.failures.outcome),
         ]

@@ -33,6 +33,9 @@ class Shared:
     gates: dict[str, ProviderGate] = field(init=False)
     providers: dict[str, Provider] = field(init=False)
     labels: dict[str, Label] = field(init=False)
+    # `min-ready: auto` labels' current targets (the demand controller's); others
+    # keep their fixed min-ready.
+    ready_targets: dict[str, int] = field(default_factory=dict, init=False)
     _warned: dict[str, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +57,10 @@ class Shared:
         except StaleState:
             if values:
                 self.store.set_instance(node_id, values["external_id"], values["access"])
+
+    def ready_target(self, label: Label) -> int:
+        """The ready nodes the label should have: its auto target, else min-ready."""
+        return self.ready_targets.get(label.name, label.ready_floor)
 
     def warn_once(self, key: str, message: str, every: float = 60.0) -> None:
         now = time.monotonic()

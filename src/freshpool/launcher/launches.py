@@ -1,4 +1,4 @@
-"""What to launch where: each label's missing nodes (min-ready plus waiting requests)
+"""What to launch where: each label's missing nodes (its ready target plus waiting requests)
 spread over the providers that serve it, within their limits and rate, with a pause
 for a provider and label whose launches keep failing."""
 
@@ -69,7 +69,7 @@ def plan_launches(shared: Shared, failures: LaunchFailures) -> tuple[list[Launch
     launches: list[Launch] = []
     throttled: set[str] = set()
     for label in shared.config.labels:
-        missing = label.min_ready + demand.get(label.name, 0) - supply[label.name]
+        missing = shared.ready_target(label) + demand.get(label.name, 0) - supply[label.name]
         if missing <= 0:
             continue
         if shared.store.serving_build(label.image) is None:

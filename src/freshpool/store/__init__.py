@@ -9,6 +9,7 @@ from freshpool.store.handout import HandOut, HandOutQueries, NewRequest, Planner
 from freshpool.store.history import HistoryEvent, HistoryQueries, RequestOutcome
 from freshpool.store.nodes import EventRow, Move, NodeQueries, NodeRow
 from freshpool.store.requests import RequestQueries, RequestRow
+from freshpool.store.targets import Arrival, TargetQueries, TargetRow
 from freshpool.store.tokens import TokenQueries, TokenRow
 from freshpool.store.uploads import UploadQueries, UploadRow
 
@@ -19,6 +20,7 @@ class Store(
     HandOutQueries,
     BuildQueries,
     HistoryQueries,
+    TargetQueries,
     TokenQueries,
     UploadQueries,
 ):
@@ -26,6 +28,7 @@ class Store(
 
 
 __all__ = [
+    "Arrival",
     "BuildInProgress",
     "BuildRow",
     "ChangeWatcher",
@@ -44,6 +47,7 @@ __all__ = [
     "ServingBuild",
     "StaleState",
     "Store",
+    "TargetRow",
     "TokenRow",
     "UploadRow",
     "WriteBusy",

@@ -163,3 +163,21 @@ node_events = Table(
 Index("ix_node_events_node", node_events.c.node_id, node_events.c.at)
 # Usage reads a window of history by time.
 Index("ix_node_events_at", node_events.c.at)
+
+# Every change of a `min-ready: auto` label's warm-pool target, with what it was
+# chosen from (core/demand.py), so `labels --why` and the dashboard can explain it.
+label_targets = Table(
+    "label_targets",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("label", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("target", Integer, nullable=False),
+    Column("previous", Integer),
+    # The forecast rate, requests per second, and the launch time assumed, seconds.
+    Column("rate", Float, nullable=False),
+    Column("launch_time", Float, nullable=False),
+    Column("why", Text, nullable=False, server_default=""),
+    sqlite_autoincrement=True,
+)
+Index("ix_label_targets_label", label_targets.c.label, label_targets.c.at)

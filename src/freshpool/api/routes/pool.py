@@ -8,10 +8,20 @@ from collections.abc import Callable
 from fastapi import APIRouter, Response, status
 
 from freshpool.api.auth import Reader, Svc
-from freshpool.api.models import BuildOut, ErrorOut, Health, ImageOut, LabelOut, ProviderOut
+from freshpool.api.models import (
+    AutoTargetOut,
+    BuildOut,
+    ErrorOut,
+    Health,
+    ImageOut,
+    LabelOut,
+    ProviderOut,
+)
 from freshpool.api.routes.querycheck import QueryCheckedRoute
 from freshpool.api.services import Services
+from freshpool.config import Label
 from freshpool.core.states import NodeState
+from freshpool.store import TargetRow
 
 N = NodeState
 router = APIRouter(
@@ -32,14 +42,17 @@ def _states_by(svc: Services, key: Callable[[str, str], str]) -> dict[str, Count
 def label_summaries(svc: Services) -> list[LabelOut]:
     by_label = _states_by(svc, lambda provider, label: label)
     waiting = svc.store.pending_demand()
+    targets = svc.store.latest_targets()
     out = []
     for label in svc.config.labels:
         c = by_label.get(label.name, Counter())
+        auto = _auto_of(label, targets.get(label.name))
         out.append(
             LabelOut(
                 name=label.name,
                 image=label.image,
-                min_ready=label.min_ready,
+                min_ready=label.ready_floor if auto is None else auto.target or auto.min,
+                auto=auto,
                 ready=c[N.READY],
                 building=c[N.BUILDING] + c[N.TESTING],
                 in_use=c[N.IN_USE],
@@ -49,6 +62,23 @@ def label_summaries(svc: Services) -> list[LabelOut]:
             )
         )
     return out
+
+
+def _auto_of(label: Label, row: TargetRow | None) -> AutoTargetOut | None:
+    settings = label.auto
+    if settings is None:
+        return None
+    return AutoTargetOut(
+        min=settings.min,
+        max=settings.max,
+        target_wait=settings.target_wait,
+        service_level=settings.service_level,
+        target=row.target if row else None,
+        target_at=row.at if row else None,
+        forecast_per_hour=row.rate * 3600 if row else None,
+        launch_time=row.launch_time if row else None,
+        why=row.why if row else "no target chosen yet: the launcher keeps min",
+    )
 
 
 def build_list(svc: Services, limit: int | None = None) -> list[BuildOut]:

@@ -53,6 +53,15 @@ function fillTable(id, rows, empty) {
   body.replaceChildren(...(rows.length ? rows : [el("tr", { class: "empty" }, el("td", { colSpan: columns }, empty))]));
 }
 
+// Why an auto-sized label's warm pool is the size it is (the launcher's last decision).
+function autoLine(auto) {
+  const forecast = auto.forecast_per_hour === null ? "no forecast yet" : auto.forecast_per_hour.toFixed(1) + "/h forecast";
+  const launch = auto.launch_time === null ? "" : ", launch " + auto.launch_time.toFixed(0) + " s";
+  return el("div", { class: "why", "data-why": "" },
+    "auto " + auto.min + "-" + auto.max + ", " + Math.round(auto.service_level * 100) + "% within " + auto.target_wait + " s: " + forecast + launch,
+    el("div", { class: "reason", title: auto.why }, auto.why));
+}
+
 function renderLabels(labels) {
   const parts = [["ready", "ready"], ["building", "starting"], ["in_use", "in_use"], ["hold", "hold"], ["deleting", "deleting"]];
   const cards = labels.map((label) => {
@@ -73,7 +82,8 @@ function renderLabels(labels) {
         count("ready", "ready", "ready"), count("building", "building", "starting"), count("in use", "in_use", "in_use"),
         count("hold", "hold", "hold"), count("deleting", "deleting", "deleting"),
         el("div", {}, "waiting ", el("b", { "data-count": "waiting" }, label.waiting)),
-        el("div", {}, "min-ready ", el("b", {}, label.min_ready))));
+        el("div", {}, label.auto ? "target " : "min-ready ", el("b", { "data-count": "target" }, label.min_ready))),
+      label.auto ? autoLine(label.auto) : "");
   });
   document.getElementById("labels").replaceChildren(...cards);
 }
