@@ -1,7 +1,7 @@
 """label_targets: every warm-pool target a `min-ready: auto` label was given, and why
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-07 03:40:00
 """
 
@@ -11,7 +11,6 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-# Another branch adds 0005 after 0004; the two are chained when merged.
 down_revision = "0005"
 branch_labels = None
 depends_on = None
