@@ -15,6 +15,7 @@ from freshpool.core import states
 from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState
 from freshpool.store.base import StoreBase, cas_statement
+from freshpool.store.room import Room, fit
 from freshpool.store.schema import node_events, nodes
 
 
@@ -66,9 +67,17 @@ class NodeQueries(StoreBase):
         return row
 
     def new_nodes(
-        self, label: str, provider: str, build_id: str, hostname_prefix: str, count: int
+        self,
+        label: str,
+        provider: str,
+        build_id: str,
+        hostname_prefix: str,
+        count: int,
+        room: Room | None = None,
     ) -> list[NodeRow]:
-        """Rows for `count` nodes about to be launched, in `building`, in one transaction.
+        """Rows for up to `count` nodes about to be launched, in `building`, in one
+        transaction: as many as `room` leaves (counted in that transaction), all if
+        no room is given.
 
         The launcher writes a node's row before it asks the provider for the
         instance, so a crash in between leaves a row to clean up, never an
@@ -88,6 +97,11 @@ class NodeQueries(StoreBase):
             "state_at": now,
         }
         with self._write() as conn:
+            self._fence_providers(conn, [provider])
+            if room is not None:
+                count = fit(conn, label, provider, count, room)
+                if count <= 0:
+                    return []
             # One statement for all (SQLAlchemy's insertmanyvalues), ids in order.
             inserted = conn.execute(_NEW_NODES, [row] * count).all()
             names = [f"{hostname_prefix}-{r.id}" for r in inserted]
@@ -110,6 +124,7 @@ class NodeQueries(StoreBase):
             return []
         now = time.time()
         with self._write() as conn:
+            self._fence_nodes(conn, [m.node_id for m in moves])
             results = [_compare_and_set(conn, move, now) for move in moves]
             _events(
                 conn,
@@ -175,6 +190,7 @@ class NodeQueries(StoreBase):
     ) -> None:
         """Record what the provider created, whatever state the node is in now."""
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id])
             conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id)
@@ -212,24 +228,28 @@ class NodeQueries(StoreBase):
         if not until:
             return
         with self._write() as conn:
+            self._fence_nodes(conn, list(until))
             conn.execute(_LEASE, [{"node": n, "until": t} for n, t in until.items()])
 
-    def release_delete_leases(self, now: float) -> None:
-        """After a restart, deletes the previous launcher had in flight are due again."""
+    def release_delete_leases(self, now: float, provider: str | None = None) -> None:
+        """After a restart (or a takeover of `provider`), deletes the previous launcher
+        had in flight are due again."""
+        query = update(nodes).where(
+            nodes.c.state == NodeState.DELETING,
+            nodes.c.next_attempt_at > now,
+            nodes.c.delete_attempts == 0,
+        )
+        if provider is not None:
+            query = query.where(nodes.c.provider == provider)
         with self._write() as conn:
-            conn.execute(
-                update(nodes)
-                .where(
-                    nodes.c.state == NodeState.DELETING,
-                    nodes.c.next_attempt_at > now,
-                    nodes.c.delete_attempts == 0,
-                )
-                .values(next_attempt_at=0)
-            )
+            if provider is not None:
+                self._fence_providers(conn, [provider])
+            conn.execute(query.values(next_attempt_at=0))
 
     def mark_checked(self, node_id: int) -> None:
         """A health check of a ready node passed."""
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id])
             conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id, nodes.c.state == NodeState.READY)
@@ -238,6 +258,7 @@ class NodeQueries(StoreBase):
 
     def record_delete_failure(self, node_id: int, error: str, retry_at: float) -> None:
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id])
             conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id, nodes.c.state == NodeState.DELETING)
@@ -270,6 +291,7 @@ class NodeQueries(StoreBase):
         now = time.time()
         results: list[StaleState | None] = []
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id for node_id, _ in removals])
             for node_id, _ in removals:
                 if conn.execute(_REMOVE, {"node": node_id}).rowcount == 1:
                     results.append(None)
