@@ -28,9 +28,7 @@ def assign(
     owners: dict[str, str] = {}
     for provider in sorted(providers):
         eligible = [
-            name
-            for name, allowed in launchers.items()
-            if allowed is None or provider in allowed
+            name for name, allowed in launchers.items() if allowed is None or provider in allowed
         ]
         if not eligible:
             continue

@@ -5,8 +5,8 @@ core/states.py."""
 from freshpool.core.errors import NotFound, StaleState, WriteBusy
 from freshpool.store.builds import BuildInProgress, BuildQueries, BuildRow, ImageRow, ServingBuild
 from freshpool.store.changes import ChangeWatcher
-from freshpool.store.handout import HandOut, HandOutQueries, NewRequest, Planner, Queue, queue_only
 from freshpool.store.fencing import Fencing
+from freshpool.store.handout import HandOut, HandOutQueries, NewRequest, Planner, Queue, queue_only
 from freshpool.store.history import HistoryEvent, HistoryQueries, RequestOutcome
 from freshpool.store.leases import LauncherRow, LeaseQueries, LeaseRow
 from freshpool.store.nodes import EventRow, Move, NodeQueries, NodeRow

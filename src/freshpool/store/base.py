@@ -72,6 +72,12 @@ class StoreBase:
         self._checkpointer = db.Checkpointer(self.engine)
 
     @property
+    def shared_by_launchers(self) -> bool:
+        """Whether several launchers may drive this store (PostgreSQL), so each holds
+        leases on its providers; on SQLite one launcher has it all (launcherlock.py)."""
+        return self.engine.dialect.name != "sqlite"
+
+    @property
     def writes_never_block(self) -> bool:
         """Whether a write that finds the write lock free runs without waiting on
         anything: true for SQLite (a local file whose commits do not sync; the

@@ -46,7 +46,9 @@ class Fencing:
             return
         held = self.held()
         query = (
-            select(provider_leases.c.provider, provider_leases.c.owner, provider_leases.c.generation)
+            select(
+                provider_leases.c.provider, provider_leases.c.owner, provider_leases.c.generation
+            )
             .where(provider_leases.c.provider.in_(wanted))
             .order_by(provider_leases.c.provider)
             .with_for_update(read=True)

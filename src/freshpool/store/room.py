@@ -40,9 +40,7 @@ def fit(conn: Connection, label: str, provider: str, count: int, room: Room) -> 
     if room.label_max is not None:
         fits = min(fits, room.label_max - _count(conn, nodes.c.label == label))
     if room.label_supply is not None:
-        supply = _count(
-            conn, nodes.c.label == label, nodes.c.state.in_(sorted(NODE_SUPPLY_STATES))
-        )
+        supply = _count(conn, nodes.c.label == label, nodes.c.state.in_(sorted(NODE_SUPPLY_STATES)))
         fits = min(fits, room.label_supply - supply)
     return max(fits, 0)
 
