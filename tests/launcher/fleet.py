@@ -33,7 +33,7 @@ class Fleet:
         build = self.store.new_build("img-1", "img", str(root / "no-layers"))
         self.store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "sim")
 
-    def config_text(self, name: str) -> str:
+    def config_text(self, name: str, api: bool = False) -> str:
         providers = "".join(
             f"  - {{name: {cloud}, driver: sim, max-nodes: 10, boot-timeout: 5,"
             f" sim: {{latency: 0.05, path: {self.root / (cloud + '.db')}}}}}\n"
@@ -46,7 +46,7 @@ launcher-id: {name}
 lease-ttl: {self.ttl}
 interval: 0.2
 cleanup-interval: 1
-api: {{enabled: false}}
+api: {{{"port: 0" if api else "enabled: false"}}}
 providers:
 {providers}
 labels:
@@ -57,9 +57,11 @@ images: [{{name: img}}]
     def config(self, name: str) -> Config:
         return parse(self.config_text(name), f"{name}.yaml")
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, api: bool = False) -> None:
+        """Start launcher `name`; with `api`, its API process too (its URL in
+        `api_url(name)` once it listens)."""
         path = self.root / f"{name}.yaml"
-        path.write_text(self.config_text(name))
+        path.write_text(self.config_text(name, api))
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         self.launchers[name] = subprocess.Popen(
             [sys.executable, "-m", "freshpool", "serve", "--no-build", "-c", str(path)],
@@ -68,6 +70,10 @@ images: [{{name: img}}]
             start_new_session=True,
         )
         log.close()
+
+    def api_url(self, name: str) -> str | None:
+        found = self.root / name / "api.url"
+        return found.read_text().strip() if found.exists() else None
 
     def kill(self, name: str) -> None:
         """kill -9 the launcher's whole process group: nothing of it runs on."""
@@ -84,7 +90,9 @@ images: [{{name: img}}]
     def owners(self) -> dict[str, str]:
         """provider -> launcher, for every lease not yet expired."""
         now = time.time()
-        return {p: lease.owner for p, lease in self.store.leases().items() if lease.expires_at > now}
+        return {
+            p: lease.owner for p, lease in self.store.leases().items() if lease.expires_at > now
+        }
 
     def instances(self) -> Counter[str]:
         """Every simulated instance, by external id (a count above 1 would be a bug)."""
@@ -114,7 +122,14 @@ images: [{{name: img}}]
     def describe(self) -> str:
         """The nodes and the instances, for a failure's message."""
         rows = [(r.id, r.provider, r.state, r.external_id, r.reason) for r in self.store.nodes()]
-        return f"nodes {rows}; instances {dict(self.instances())}; leases {self.owners()}"
+        requests = [
+            (r.id, r.state, r.reason)
+            for r in (self.store.request(n.request_id) for n in self.store.nodes(["in-use"]))
+        ]
+        return (
+            f"nodes {rows}; their requests {requests}; instances {dict(self.instances())};"
+            f" leases {self.owners()}"
+        )
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

@@ -67,9 +67,7 @@ def test_a_launcher_that_lost_its_lease_cannot_write_for_the_provider(store: Sto
     with pytest.raises(LeaseLost, match="holds no lease"):
         store.new_nodes("debian", "other", "b1", "debian", 1)
     store.fencing = None
-    assert [(n.id, n.state, n.external_id) for n in store.nodes()] == [
-        (node.id, "building", None)
-    ]
+    assert [(n.id, n.state, n.external_id) for n in store.nodes()] == [(node.id, "building", None)]
 
 
 def test_room_caps_a_launch_in_its_own_transaction(store: Store) -> None:
