@@ -258,6 +258,22 @@ class QueueEntry(RequestOut):
     position: int
 
 
+class LeaseOut(BaseModel):
+    provider: str
+    generation: int
+    held_for: float = Field(description="Seconds since this launcher took the provider.")
+    expires_in: float = Field(description="Seconds until the lease runs out unrenewed.")
+
+
+class LauncherOut(BaseModel):
+    """A launcher sharing the database (PostgreSQL), and the providers it drives."""
+
+    id: str
+    seen_ago: float = Field(description="Seconds since its last heartbeat.")
+    may_drive: list[str] | None
+    leases: list[LeaseOut]
+
+
 class Status(BaseModel):
     """Everything the dashboard shows, in one document."""
 
@@ -271,3 +287,5 @@ class Status(BaseModel):
     recent: list[RequestOut]
     builds: list[BuildOut]
     history: dict[str, Any]
+    # Empty on SQLite, where the one launcher drives every provider.
+    launchers: list[LauncherOut] = []

@@ -7,6 +7,7 @@ are errors. The loader (loader.py) turns the models' errors into file:line:key.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -156,6 +157,9 @@ class SimSettings(Model):
     quota: int | None = Field(default=None, ge=0)
     # Keep instances in <state-dir>/providers/NAME/sim.db so they outlive the launcher.
     persist: bool = True
+    # Keep them in this file instead: one simulated cloud that launchers with state
+    # directories of their own all see, as they would a real one.
+    path: Path | None = None
 
 
 class VmSize(Model):
@@ -304,6 +308,9 @@ class Label(Model):
         auto's min (until the demand controller has chosen a target)."""
         return self.min_ready if isinstance(self.min_ready, int) else self.min_ready.auto.min
 
+    # All of this label's nodes at once, on every provider and launcher (None: no cap).
+    max_nodes: int | None = Field(default=None, ge=1)
+
 
 class ApiTls(Model):
     """The API's certificate and private key (PEM files; the chain goes in `cert`)."""
@@ -380,6 +387,16 @@ class Config(Model):
     # Fair-share weights; a tenant not listed has weight 1.
     tenants: list[Tenant] = []
     statsd: Statsd | None = None
+    # Several launchers on one PostgreSQL (docs/fleet.md): this one's name (default:
+    # host name and state directory), how long a provider's lease lasts unrenewed, and
+    # the providers it may drive (default: all).
+    launcher_id: str | None = Field(default=None, min_length=1, max_length=200)
+    lease_ttl: Annotated[float, Field(ge=1.0, le=600.0)] = 15.0
+    serve_providers: list[Name] | None = None
+
+    @property
+    def launcher_name(self) -> str:
+        return self.launcher_id or f"{socket.gethostname()}:{self.state_dir}"
 
     def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems between sections (names used twice, references to nothing), with key paths."""
@@ -411,6 +428,15 @@ class Config(Model):
                 if name not in labels:
                     where = ("providers", i, "label-cost-per-hour", name)
                     problems.append((where, f"no label named {name!r}"))
+        providers = {p.name for p in self.providers}
+        for i, name in enumerate(self.serve_providers or []):
+            if name not in providers:
+                problems.append(
+                    (
+                        ("serve-providers", i),
+                        f"no provider named {name!r} (known: {', '.join(sorted(providers))})",
+                    )
+                )
         problems += image_parent_problems(self.images)
         problems += self._limit_problems()
         return problems

@@ -51,6 +51,11 @@ class StaleState(Refused):
     """The row was not in the state the caller expected (someone else moved it first)."""
 
 
+class LeaseLost(Refused):
+    """This launcher no longer holds the provider's lease (another took it over): its
+    write for that provider was refused, and nothing was changed."""
+
+
 class Unavailable(FreshpoolError):
     """This host or a provider cannot do it now (not root, a tool missing, a cloud down)."""
 

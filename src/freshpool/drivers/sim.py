@@ -102,7 +102,7 @@ class SimDriver(Driver):
     def __init__(self, provider: Provider, cluster: str, state_dir: Path) -> None:
         super().__init__(provider, cluster, state_dir)
         self.settings = provider.sim
-        path = state_dir / "sim.db" if self.settings.persist else None
+        path = self.settings.path or (state_dir / "sim.db" if self.settings.persist else None)
         self._cloud = _Store(path)
         self._calls = 0
         self._rng_lock = threading.Lock()

@@ -1,8 +1,8 @@
 """`serve`'s main process: a runner (runner.py) passing over controllers, each with its
-own error boundary: demand (auto warm-pool targets), nodes (launch, test, delete),
-upkeep (timeouts, health checks, request deadlines), leaks, images (builds,
-validation, uploads, garbage) and metrics.
-`build` puts them together."""
+own error boundary: leases (which providers are this launcher's, on PostgreSQL),
+demand (auto warm-pool targets), nodes (launch, test, delete), upkeep (timeouts,
+health checks, request deadlines), leaks, images (builds, validation, uploads,
+garbage) and metrics. `build` puts them together."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from freshpool.config import Config
 from freshpool.core.backoff import DRIVER, Backoff
 from freshpool.drivers.base import Driver
 from freshpool.launcher.context import Shared
+from freshpool.launcher.fleet import LeaseController
 from freshpool.launcher.gate import ProviderGate
 from freshpool.launcher.images import ImageController
 from freshpool.launcher.leaks import LeakController
@@ -33,14 +34,31 @@ class Launcher(Runner):
         self.leaks = LeakController(shared)
         self.demand = DemandController(shared)
         self.images: ImageController | None = None
+        self.leases: LeaseController | None = None
+        controllers: list[Controller] = []
+        if shared.leased:
+            # First: the other controllers start on the providers it took; and last
+            # to stop, so its leases go only once launches are finished or undone.
+            self.leases = LeaseController(shared, self._took, self._dropped)
+            controllers.append(self.leases)
         # Recovery (the leak controller's start) comes before any launch.
-        controllers: list[Controller] = [
+        controllers += [
             self.leaks,
             self.demand,
             self.nodes,
             UpkeepController(shared, self.nodes.failures.outcome),
         ]
         super().__init__(shared.store, controllers, shared.config.interval, after_pass)
+
+    def _took(self, provider: str) -> None:
+        """A provider taken over after the start: recover it as a start would."""
+        if self.leaks.name in self.started:
+            self.leaks.recover(provider)
+        if self.nodes.name in self.started:
+            self.nodes.recover(provider)
+
+    def _dropped(self, provider: str) -> None:
+        self.leaks.forget(provider)
 
     @property
     def config(self) -> Config:
@@ -73,7 +91,8 @@ def build(
 ) -> Launcher:
     """A launcher for `drivers`: nodes, upkeep and leaks always; the image controller
     and the metrics publisher unless turned off (tests that only move nodes)."""
-    launcher = Launcher(Shared(config, store, drivers, retry=retry), after_pass)
+    shared = Shared(config, store, dict(drivers), retry=retry, leased=store.shared_by_launchers)
+    launcher = Launcher(shared, after_pass)
     if images:
         launcher.images = ImageController(
             launcher.shared, automatic=automatic_builds, base_cache=base_cache, wake=launcher.wake

@@ -1,11 +1,11 @@
-"""What the launcher's controllers share: config, store, drivers, provider gates, the
-operations in flight, and the one way a node is failed."""
+"""What the launcher's controllers share: config, store, drivers (those of the
+providers this launcher drives now), provider gates, the operations in flight, and
+the one way a node is failed."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +26,18 @@ N = NodeState
 class Shared:
     config: Config
     store: Store
-    drivers: Mapping[str, Driver]
+    # Given: every configured provider's driver. After __post_init__: those of the
+    # providers this launcher drives now, one dict changed in place as leases come
+    # and go (controllers keep a reference to it); `configured` keeps them all.
+    drivers: dict[str, Driver]
     work: WorkTable = field(default_factory=WorkTable)
     # How long a failed delete waits before its next try.
     retry: Backoff = DRIVER
+    # False on SQLite, where this launcher drives every provider and no leases exist.
+    leased: bool = False
+    configured: dict[str, Driver] = field(init=False)
+    # Held providers being handed to another launcher: nothing new starts on them.
+    draining: set[str] = field(default_factory=set, init=False)
     gates: dict[str, ProviderGate] = field(init=False)
     providers: dict[str, Provider] = field(init=False)
     labels: dict[str, Label] = field(init=False)
@@ -39,11 +47,19 @@ class Shared:
     _warned: dict[str, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        self.configured = dict(self.drivers)
+        self.drivers = {} if self.leased else dict(self.drivers)
         self.providers = {p.name: p for p in self.config.providers}
         self.labels = {x.name: x for x in self.config.labels}
         self.gates = {
-            p.name: ProviderGate(p) for p in self.config.providers if p.name in self.drivers
+            p.name: ProviderGate(p) for p in self.config.providers if p.name in self.configured
         }
+
+    def drives(self, provider: str) -> bool:
+        """Whether this launcher is to act on `provider`'s nodes now. Without leases,
+        every node is ours, even one whose provider left the config (its deletes then
+        wait for it, saying why)."""
+        return not self.leased or provider in self.drivers
 
     def fail(
         self, node_id: int, expect: NodeState, reason: str, values: dict[str, Any] | None = None

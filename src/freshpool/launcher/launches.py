@@ -13,7 +13,7 @@ from freshpool.config import Label, Provider
 from freshpool.core.backoff import DRIVER
 from freshpool.core.states import NODE_SUPPLY_STATES, BuildState
 from freshpool.launcher.context import Shared
-from freshpool.store import ServingBuild
+from freshpool.store import Room, ServingBuild
 
 log = logging.getLogger("freshpool.launcher")
 
@@ -24,6 +24,9 @@ class Launch:
     label: Label
     serving: ServingBuild
     count: int
+    # The caps the store checks again as it writes the rows (store/room.py): other
+    # launchers may have launched since this plan counted.
+    room: Room
 
 
 class LaunchFailures:
@@ -62,14 +65,19 @@ def plan_launches(shared: Shared, failures: LaunchFailures) -> tuple[list[Launch
     demand = shared.store.pending_demand()
     used: Counter[str] = Counter()
     supply: Counter[str] = Counter()
+    of_label: Counter[str] = Counter()
     for (provider_name, label_name, state), n in counts.items():
         used[provider_name] += n
+        of_label[label_name] += n
         if state in NODE_SUPPLY_STATES:
             supply[label_name] += n
     launches: list[Launch] = []
     throttled: set[str] = set()
     for label in shared.config.labels:
-        missing = shared.ready_target(label) + demand.get(label.name, 0) - supply[label.name]
+        wanted = shared.ready_target(label) + demand.get(label.name, 0)
+        missing = wanted - supply[label.name]
+        if label.max_nodes is not None:
+            missing = min(missing, label.max_nodes - of_label[label.name])
         if missing <= 0:
             continue
         if shared.store.serving_build(label.image) is None:
@@ -80,7 +88,10 @@ def plan_launches(shared: Shared, failures: LaunchFailures) -> tuple[list[Launch
                 break
             if failures.paused(provider.name, label.name):
                 continue
-            launch = _launch_on(shared, provider, label, missing, used[provider.name], throttled)
+            room = Room(label_supply=wanted, label_max=label.max_nodes)
+            launch = _launch_on(
+                shared, provider, label, missing, used[provider.name], throttled, room
+            )
             if launch is not None:
                 launches.append(launch)
                 used[provider.name] += launch.count
@@ -95,13 +106,14 @@ def _launch_on(
     missing: int,
     used: int,
     throttled: set[str],
+    caps: Room,
 ) -> Launch | None:
     driver = shared.drivers[provider.name]
+    # The driver's own limit (host RAM for VMs, addresses...) may be lower; and what
+    # all the provider's nodes may take together (limits-total).
+    most = min(driver.limits().max_nodes, shared.config.total_cap(provider) or used + missing)
     room = min(
-        # The driver's own limit (host RAM for VMs, addresses...) may be lower.
-        driver.limits().max_nodes - used,
-        # What all the provider's nodes may take together (limits-total).
-        (shared.config.total_cap(provider) or used + missing) - used,
+        most - used,
         provider.max_parallel_launches - shared.work.launches_on(provider.name),
         missing,
     )
@@ -121,7 +133,10 @@ def _launch_on(
         allowed += 1
     if allowed < room:
         throttled.add(provider.name)
-    return Launch(provider, label, serving, allowed) if allowed else None
+    if not allowed:
+        return None
+    caps = Room(provider_max=most, label_supply=caps.label_supply, label_max=caps.label_max)
+    return Launch(provider, label, serving, allowed, caps)
 
 
 def _by_room(shared: Shared, label: Label, used: Counter[str]) -> list[Provider]:
@@ -131,7 +146,9 @@ def _by_room(shared: Shared, label: Label, used: Counter[str]) -> list[Provider]
     mine = [
         p
         for p in shared.config.providers_for(label.name)
-        if p.name in shared.drivers and not shared.gates[p.name].is_open()
+        if p.name in shared.drivers
+        and p.name not in shared.draining
+        and not shared.gates[p.name].is_open()
     ]
     return sorted(mine, key=lambda p: used[p.name] - shared.drivers[p.name].limits().max_nodes)
 

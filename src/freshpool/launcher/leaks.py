@@ -13,6 +13,7 @@ from freshpool.core.states import NodeState
 from freshpool.drivers.base import Driver, DriverError, Instance, Operation
 from freshpool.launcher.context import Shared
 from freshpool.launcher.sweep import LeakSweeper
+from freshpool.store import NodeRow
 
 log = logging.getLogger("freshpool.launcher")
 N = NodeState
@@ -28,39 +29,63 @@ class LeakController:
         self._next_sweep = 0.0
         # Deletes of instances that have no row, by (provider, external id).
         self._strays: dict[tuple[str, str], Operation[None]] = {}
+        # Providers recovered since this launcher began to drive them.
+        self._recovered: set[str] = set()
 
     def start(self) -> None:
-        """After a start: adopt known live nodes, fail cut-off launches, delete strays."""
-        store = self.shared.store
-        for name, driver in self.shared.drivers.items():
-            listed: dict[int, Instance] | None = None
-            try:
-                listed = {i.tags.node_id: i for i in driver.list_instances() if i.tags}
-            except DriverError as exc:  # a cloud down at start: the sweep looks later
-                log.warning("provider %s: listing at start failed: %s", name, exc)
-                self.shared.gates[name].failure(f"list: {exc}")
-            rows = {row.id: row for row in store.nodes(provider=name)}
-            for row in rows.values():
-                if row.state in (N.BUILDING, N.TESTING):
-                    self.shared.fail(
-                        row.id, N(row.state), f"launcher restarted while the node was {row.state}"
-                    )
-                elif row.state in (N.READY, N.IN_USE, N.HOLD) and listed is not None:
-                    instance = listed.get(row.id)
-                    if instance is None or not instance.alive:
-                        why = "instance vanished while the launcher was down"
-                        self.shared.fail(row.id, N(row.state), why)
-                    else:
-                        log.info("node %s: adopted (%s)", row.id, row.state)
-            for node_id, instance in (listed or {}).items():
-                if node_id not in rows:
-                    log.warning(
-                        "provider %s: stray instance %s (node %s has no row): deleting",
-                        name,
-                        instance.external_id,
-                        node_id,
-                    )
-                    self._delete_stray(name, instance.external_id)
+        for name in list(self.shared.drivers):
+            self.recover(name)
+
+    def recover(self, name: str) -> None:
+        """After a start or a takeover of provider `name`: adopt its known live nodes,
+        fail its cut-off launches, delete its strays. Once per holding of it."""
+        if name in self._recovered:
+            return
+        driver = self.shared.drivers[name]
+        listed: dict[int, Instance] | None = None
+        try:
+            listed = {i.tags.node_id: i for i in driver.list_instances() if i.tags}
+        except DriverError as exc:  # a cloud down at start: the sweep looks later
+            log.warning("provider %s: listing at start failed: %s", name, exc)
+            self.shared.gates[name].failure(f"list: {exc}")
+        rows = {row.id: row for row in self.shared.store.nodes(provider=name)}
+        for row in rows.values():
+            self._adopt(row, listed)
+        for node_id, instance in (listed or {}).items():
+            if node_id not in rows:
+                log.warning(
+                    "provider %s: stray instance %s (node %s has no row): deleting",
+                    name,
+                    instance.external_id,
+                    node_id,
+                )
+                self._delete_stray(name, instance.external_id)
+        self._recovered.add(name)
+
+    def _adopt(self, row: NodeRow, listed: dict[int, Instance] | None) -> None:
+        """One node as the previous launcher left it: a launch it had in flight is
+        failed (and so deleted); a live node is kept; a vanished one is failed."""
+        if row.id in self.shared.work:
+            return
+        if row.state in (N.BUILDING, N.TESTING):
+            self.shared.fail(
+                row.id, N(row.state), f"launcher restarted while the node was {row.state}"
+            )
+        elif row.state in (N.READY, N.IN_USE, N.HOLD) and listed is not None:
+            instance = listed.get(row.id)
+            if instance is None or not instance.alive:
+                self.shared.fail(
+                    row.id, N(row.state), "instance vanished while the launcher was down"
+                )
+            else:
+                log.info("node %s: adopted (%s)", row.id, row.state)
+
+    def forget(self, name: str) -> None:
+        """Provider `name` is no longer ours: drop its stray deletes (the next owner
+        finds the strays again) and recover it afresh if it comes back."""
+        self._recovered.discard(name)
+        for key in [k for k in self._strays if k[0] == name]:
+            del self._strays[key]
 
     def tick(self) -> None:
         self._advance()
@@ -131,6 +156,8 @@ class LeakController:
             log.warning("provider %s: repairing its network rules failed: %s", name, exc)
 
     def _delete_stray(self, provider: str, external_id: str) -> None:
+        if provider not in self.shared.drivers:
+            return
         op = self.shared.drivers[provider].delete(external_id)
         op.advance()
         self._strays[(provider, external_id)] = op

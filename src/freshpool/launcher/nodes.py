@@ -38,8 +38,17 @@ class NodeController:
     # ------------------------------------------------------------ the pass
 
     def start(self) -> None:
-        # Deletes the previous launcher had in flight are due again.
-        self.shared.store.release_delete_leases(time.time())
+        if not self.shared.leased:
+            # Deletes the previous launcher had in flight are due again.
+            self.shared.store.release_delete_leases(time.time())
+        for name in list(self.shared.drivers):
+            self.recover(name)
+
+    def recover(self, name: str) -> None:
+        """Provider `name` was taken over: the deletes its last owner had in flight are
+        due again (without leases, `start` did that for every provider at once)."""
+        if self.shared.leased:
+            self.shared.store.release_delete_leases(time.time(), name)
 
     def tick(self) -> None:
         self._record(self.shared.work.advance())
@@ -92,7 +101,12 @@ class NodeController:
         # Every row first, in one transaction, then the calls: a crash in between
         # leaves rows without instances, which recovery removes.
         rows = store.new_nodes(
-            launch.label.name, launch.provider.name, build.id, launch.label.name, launch.count
+            launch.label.name,
+            launch.provider.name,
+            build.id,
+            launch.label.name,
+            launch.count,
+            launch.room,
         )
         driver = self.shared.drivers[launch.provider.name]
         limits = launch.label.limits.over(launch.provider.limits)
@@ -177,7 +191,7 @@ class NodeController:
             [
                 Move(row.id, N(row.state), N.DELETING, self._delete_reason(row))
                 for row in store.nodes(states_in=sorted(NODE_TO_DELETE_STATES))
-                if row.id not in work
+                if row.id not in work and self.shared.drives(row.provider)
             ]
         )
         now = time.time()
@@ -185,7 +199,7 @@ class NodeController:
         starting: list[tuple[NodeRow, str, float]] = []
         listings: dict[str, dict[int, str] | None] = {}
         for row in store.due_for_delete(now):
-            if row.id in work:
+            if row.id in work or not self.shared.drives(row.provider):
                 continue
             external_id = self._external_id(row, listings)
             if external_id is None:

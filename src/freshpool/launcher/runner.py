@@ -77,6 +77,11 @@ class Runner:
         """Start the next pass now (thread-safe)."""
         self._woken.set()
 
+    @property
+    def started(self) -> set[str]:
+        """The controllers whose start has run."""
+        return self._started
+
     def controller(self, name: str) -> Controller:
         return next(c for c in self.controllers if c.name == name)
 

@@ -68,7 +68,7 @@ class UpkeepController:
         for row in store.in_state_since_before(timeouts.TIMED_STATES, now - self._shortest):
             provider = self.shared.providers.get(row.provider)
             label = self.shared.labels.get(row.label)
-            if provider is None or label is None:
+            if provider is None or label is None or not self.shared.drives(row.provider):
                 continue
             due = timeouts.overdue(N(row.state), now - row.state_at, label, provider)
             if due is None:
@@ -87,7 +87,8 @@ class UpkeepController:
         requests still waiting for it fail; nodes in use finish their jobs first."""
         store, labels = self.shared.store, self.shared.labels
         for row in store.nodes(["ready"]):
-            if row.label not in labels and row.id not in self.shared.work:
+            mine = row.id not in self.shared.work and self.shared.drives(row.provider)
+            if row.label not in labels and mine:
                 with contextlib.suppress(StaleState):
                     why = f"label {row.label!r} is no longer in the config"
                     store.transition(row.id, N.READY, N.DELETING, why)

@@ -5,10 +5,13 @@ core/states.py."""
 from freshpool.core.errors import NotFound, StaleState, WriteBusy
 from freshpool.store.builds import BuildInProgress, BuildQueries, BuildRow, ImageRow, ServingBuild
 from freshpool.store.changes import ChangeWatcher
+from freshpool.store.fencing import Fencing
 from freshpool.store.handout import HandOut, HandOutQueries, NewRequest, Planner, Queue, queue_only
 from freshpool.store.history import HistoryEvent, HistoryQueries, RequestOutcome
+from freshpool.store.leases import LauncherRow, LeaseQueries, LeaseRow
 from freshpool.store.nodes import EventRow, Move, NodeQueries, NodeRow
 from freshpool.store.requests import RequestQueries, RequestRow
+from freshpool.store.room import Room
 from freshpool.store.targets import Arrival, TargetQueries, TargetRow
 from freshpool.store.tokens import TokenQueries, TokenRow
 from freshpool.store.uploads import UploadQueries, UploadRow
@@ -23,6 +26,7 @@ class Store(
     TargetQueries,
     TokenQueries,
     UploadQueries,
+    LeaseQueries,
 ):
     """Every query freshpool makes."""
 
@@ -33,9 +37,12 @@ __all__ = [
     "BuildRow",
     "ChangeWatcher",
     "EventRow",
+    "Fencing",
     "HandOut",
     "HistoryEvent",
     "ImageRow",
+    "LauncherRow",
+    "LeaseRow",
     "Move",
     "NewRequest",
     "NodeRow",
@@ -44,6 +51,7 @@ __all__ = [
     "Queue",
     "RequestOutcome",
     "RequestRow",
+    "Room",
     "ServingBuild",
     "StaleState",
     "Store",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from freshpool.core.errors import WriteBusy
 from freshpool.store import db
 from freshpool.store.changes import ChangeWatcher
+from freshpool.store.fencing import Fencing
 from freshpool.store.schema import meta
 
 
@@ -47,6 +48,9 @@ class StoreBase:
         self._at_once = self.engine.execution_options(at_once=True)
         self._write_lock = threading.Lock()
         self._local = threading.local()
+        # Set by a launcher that shares the database with others: its writes for a
+        # provider then check it still holds the provider's lease (store/fencing.py).
+        self.fencing: Fencing | None = None
         db.upgrade(self.engine)
         self.cluster_id = self._cluster_id()
 
@@ -70,6 +74,12 @@ class StoreBase:
         # Pooled connections were opened with checkpoints on; new ones get the setting.
         self.engine.dispose()
         self._checkpointer = db.Checkpointer(self.engine)
+
+    @property
+    def shared_by_launchers(self) -> bool:
+        """Whether several launchers may drive this store (PostgreSQL), so each holds
+        leases on its providers; on SQLite one launcher has it all (launcherlock.py)."""
+        return self.engine.dialect.name != "sqlite"
 
     @property
     def writes_never_block(self) -> bool:
@@ -109,6 +119,14 @@ class StoreBase:
     def _read(self) -> Iterator[Connection]:
         with self._reader.connect() as conn:
             yield conn
+
+    def _fence_providers(self, conn: Connection, providers: Collection[str]) -> None:
+        if self.fencing is not None:
+            self.fencing.check(conn, providers)
+
+    def _fence_nodes(self, conn: Connection, node_ids: Collection[int]) -> None:
+        if self.fencing is not None:
+            self.fencing.check_nodes(conn, node_ids)
 
     def _cluster_id(self) -> str:
         with self._write() as conn:

@@ -156,6 +156,12 @@ def upgrade(engine: Engine) -> None:
     from alembic import command
 
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Launchers of a fleet starting together: one migrates, the others wait
+            # for it here and then find nothing left to do.
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('freshpool:migrate'))"))
+            if current_revision(conn) == HEAD:
+                return
         command.upgrade(alembic_config(conn), "head")
 
 

@@ -14,6 +14,7 @@ from freshpool.core import states
 from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState
 from freshpool.store.base import StoreBase, cas_statement
+from freshpool.store.room import Room, fit
 from freshpool.store.schema import node_events, nodes
 
 
@@ -69,9 +70,17 @@ class NodeQueries(StoreBase):
         return row
 
     def new_nodes(
-        self, label: str, provider: str, build_id: str, hostname_prefix: str, count: int
+        self,
+        label: str,
+        provider: str,
+        build_id: str,
+        hostname_prefix: str,
+        count: int,
+        room: Room | None = None,
     ) -> list[NodeRow]:
-        """Rows for `count` nodes about to be launched, in `building`, in one transaction.
+        """Rows for up to `count` nodes about to be launched, in `building`, in one
+        transaction: as many as `room` leaves (counted in that transaction), all if
+        no room is given.
 
         The launcher writes a node's row before it asks the provider for the
         instance, so a crash in between leaves a row to clean up, never an
@@ -91,6 +100,11 @@ class NodeQueries(StoreBase):
             "state_at": now,
         }
         with self._write() as conn:
+            self._fence_providers(conn, [provider])
+            if room is not None:
+                count = fit(conn, label, provider, count, room)
+                if count <= 0:
+                    return []
             # One statement for all (SQLAlchemy's insertmanyvalues), ids in order.
             inserted = conn.execute(_NEW_NODES, [row] * count).all()
             names = [f"{hostname_prefix}-{r.id}" for r in inserted]
@@ -114,6 +128,7 @@ class NodeQueries(StoreBase):
             return []
         now = self.clock()
         with self._write() as conn:
+            self._fence_nodes(conn, [m.node_id for m in moves])
             results = [_compare_and_set(conn, move, now) for move in moves]
             _events(
                 conn,
@@ -179,6 +194,7 @@ class NodeQueries(StoreBase):
     ) -> None:
         """Record what the provider created, whatever state the node is in now."""
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id])
             conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id)
@@ -216,24 +232,28 @@ class NodeQueries(StoreBase):
         if not until:
             return
         with self._write() as conn:
+            self._fence_nodes(conn, list(until))
             conn.execute(_LEASE, [{"node": n, "until": t} for n, t in until.items()])
 
-    def release_delete_leases(self, now: float) -> None:
-        """After a restart, deletes the previous launcher had in flight are due again."""
+    def release_delete_leases(self, now: float, provider: str | None = None) -> None:
+        """After a restart (or a takeover of `provider`), deletes the previous launcher
+        had in flight are due again."""
+        query = update(nodes).where(
+            nodes.c.state == NodeState.DELETING,
+            nodes.c.next_attempt_at > now,
+            nodes.c.delete_attempts == 0,
+        )
+        if provider is not None:
+            query = query.where(nodes.c.provider == provider)
         with self._write() as conn:
-            conn.execute(
-                update(nodes)
-                .where(
-                    nodes.c.state == NodeState.DELETING,
-                    nodes.c.next_attempt_at > now,
-                    nodes.c.delete_attempts == 0,
-                )
-                .values(next_attempt_at=0)
-            )
+            if provider is not None:
+                self._fence_providers(conn, [provider])
+            conn.execute(query.values(next_attempt_at=0))
 
     def mark_checked(self, node_id: int) -> None:
         """A health check of a ready node passed."""
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id])
             conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id, nodes.c.state == NodeState.READY)
@@ -242,6 +262,7 @@ class NodeQueries(StoreBase):
 
     def record_delete_failure(self, node_id: int, error: str, retry_at: float) -> None:
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id])
             row = conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id, nodes.c.state == NodeState.DELETING)
@@ -273,6 +294,7 @@ class NodeQueries(StoreBase):
         results: list[StaleState | None] = []
         removed: list[tuple[NodeRow, str | None, str | None, str]] = []
         with self._write() as conn:
+            self._fence_nodes(conn, [node_id for node_id, _ in removals])
             for node_id, why in removals:
                 row = conn.execute(_REMOVE, {"node": node_id}).first()
                 if row is not None:

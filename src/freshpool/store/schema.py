@@ -181,3 +181,29 @@ label_targets = Table(
     sqlite_autoincrement=True,
 )
 Index("ix_label_targets_label", label_targets.c.label, label_targets.c.at)
+
+# Launchers sharing this database (PostgreSQL), each with its heartbeat: the live
+# ones are those seen within a lease's TTL, and providers are spread over them.
+launchers = Table(
+    "launchers",
+    metadata,
+    Column("id", String(256), primary_key=True),
+    # The providers it may drive (None: every one it has configured).
+    Column("providers", JSON),
+    Column("started_at", Float, nullable=False),
+    Column("seen_at", Float, nullable=False),
+)
+
+# Which launcher drives each provider. A row is never deleted, so `generation` only
+# grows: it goes up each time the provider changes hands, and a launcher's writes for
+# the provider check it in their own transaction (the fence).
+provider_leases = Table(
+    "provider_leases",
+    metadata,
+    Column("provider", String(64), primary_key=True),
+    Column("owner", String(256), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("taken_at", Float, nullable=False),
+    Column("renewed_at", Float, nullable=False),
+)

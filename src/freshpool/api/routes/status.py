@@ -11,7 +11,14 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from freshpool.api.auth import Caller, Reader, Svc
-from freshpool.api.models import ErrorOut, QueueEntry, RequestOut, Status
+from freshpool.api.models import (
+    ErrorOut,
+    LauncherOut,
+    LeaseOut,
+    QueueEntry,
+    RequestOut,
+    Status,
+)
 from freshpool.api.routes.nodes import out
 from freshpool.api.routes.pool import build_list, label_summaries
 from freshpool.api.routes.querycheck import QueryCheckedRoute
@@ -53,7 +60,32 @@ def snapshot(svc: Services, who: Caller, version: int) -> Status:
         recent=[RequestOut.of(r, [out(who, n) for n in held[r.id]]) for r in recent],
         builds=build_list(svc, limit=10),
         history=svc.observed.read().history,
+        launchers=launchers(svc),
     )
+
+
+def launchers(svc: Services) -> list[LauncherOut]:
+    """Every launcher the database knows, with the leases it holds now."""
+    now = time.time()
+    leases = [lease for lease in svc.store.leases().values() if lease.expires_at > now]
+    return [
+        LauncherOut(
+            id=row.id,
+            seen_ago=max(0.0, now - row.seen_at),
+            may_drive=row.providers,
+            leases=[
+                LeaseOut(
+                    provider=lease.provider,
+                    generation=lease.generation,
+                    held_for=max(0.0, now - lease.taken_at),
+                    expires_in=lease.expires_at - now,
+                )
+                for lease in leases
+                if lease.owner == row.id
+            ],
+        )
+        for row in svc.store.launcher_rows()
+    ]
 
 
 @router.get(
