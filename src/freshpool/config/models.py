@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, ByteSize, Field, field_validator, model_va
 from freshpool.config.base import Model, Name, Seconds
 from freshpool.config.clouds import AwsSettings, OpenStackSettings
 from freshpool.config.images import Image, image_parent_problems
+from freshpool.config.nodepool import NodepoolCompat
 from freshpool.core.errors import UnknownName
 from freshpool.core.nodesets import providers_serving
 
@@ -305,6 +306,8 @@ class Config(Model):
     # Fair-share weights; a tenant not listed has weight 1.
     tenants: list[Tenant] = []
     statsd: Statsd | None = None
+    # Speak Nodepool's ZooKeeper protocol, so Zuul uses this pool unchanged.
+    nodepool_compat: NodepoolCompat | None = None
 
     def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems between sections (names used twice, references to nothing), with key paths."""
