@@ -52,8 +52,9 @@ def make_tls(root: Path) -> tuple[Tls, Path]:
         run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
             "-keyout", f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
         (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", f"{name}.pem")  # fmt: skip
+        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
+        run("x509", "-req", "-in", f"{name}.csr", *sign, "-extfile", "san.ext",
+            "-out", f"{name}.pem")  # fmt: skip
     server = root / "server-bundle.pem"
     server.write_text((root / "server.key").read_text() + (root / "server.pem").read_text())
     return Tls(root / "ca.pem", root / "client.pem", root / "client.key"), server

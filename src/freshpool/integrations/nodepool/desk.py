@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NoNodeError
@@ -193,16 +194,17 @@ class Desk:
         self._write_answer(held.request.id, data, held.version, held.lock)
         log.info("request %s fulfilled with nodes %s", held.request.id, [n.id for n in ordered])
 
-    def _fail(self, name: str, data: dict[str, object], version: int, lock: Lock,
+    def _fail(self, name: str, data: dict[str, Any], version: int, lock: Lock,
               reason: str) -> None:  # fmt: skip
-        declined = list(data.get("declined_by") or [])  # type: ignore[call-overload]
+        declined = data.get("declined_by")
+        declined = declined if isinstance(declined, list) else []
         answer = wire.answered(data, wire.FAILED, declined_by=[*declined, self.launcher],
                                nodes=[], failure_reason=reason)  # fmt: skip
         self._write_answer(name, answer, version, lock)
         self.passed.add(name)
         log.warning("request %s failed: %s", name, reason)
 
-    def _write_answer(self, name: str, data: dict[str, object], version: int, lock: Lock) -> None:
+    def _write_answer(self, name: str, data: dict[str, Any], version: int, lock: Lock) -> None:
         try:
             # Our lock keeps other launchers off; the client only deletes it.
             self.zk.set(f"{wire.REQUESTS}/{name}", wire.encode(data))
