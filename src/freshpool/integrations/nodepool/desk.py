@@ -18,14 +18,13 @@ from typing import Any
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NoNodeError
-from kazoo.recipe.lock import Lock
 
 from freshpool.config import Config
 from freshpool.core.errors import Refused
 from freshpool.core.nodesets import check
 from freshpool.core.states import RequestState
 from freshpool.integrations.nodepool import wire
-from freshpool.integrations.nodepool.zkclient import try_lock, unlock
+from freshpool.integrations.nodepool.zkclient import try_locks, unlock
 from freshpool.store import NewRequest, NodeRow, RequestRow, Store, queue_only
 
 log = logging.getLogger("freshpool.integrations.nodepool")
@@ -38,7 +37,7 @@ class Held:
     """A request znode we hold the lock of, and the freshpool request that serves it."""
 
     request: wire.ZkRequest
-    lock: Lock
+    lock: str  # our contender znode
     version: int
     freshpool_id: int = 0
 
@@ -71,11 +70,13 @@ class Desk:
         self.passed: set[str] = set()
         # After a start or a lost session every candidate is looked up in the store.
         self.resync = True
+        self.writes: list[Any] = []
 
     def forget(self) -> None:
         """The session is gone, and with it our locks: start over from the store."""
         self.held.clear()
         self.passed.clear()
+        self.writes.clear()
         self.resync = True
 
     def take_new(self) -> None:
@@ -94,32 +95,33 @@ class Desk:
 
     def _take(self, names: list[str]) -> None:
         reads = [(n, self.zk.get_async(f"{wire.REQUESTS}/{n}")) for n in names]
-        taken: list[tuple[Held, str]] = []
+        candidates = []
         for name, read in reads:
             try:
                 raw, stat = read.get()
             except NoNodeError:
                 continue
-            got = self._lock_and_parse(name, raw, stat.version, stat.czxid)
+            try:
+                state = wire.decode(raw).get("state")
+            except wire.BadRequest:
+                state = wire.REQUESTED  # ours to fail, with the reason
+            if state in (wire.REQUESTED, wire.PENDING):
+                candidates.append((name, raw, stat))
+            else:
+                self.passed.add(name)
+        locks = try_locks(self.zk, [f"{wire.REQUEST_LOCKS}/{n}" for n, _, _ in candidates])
+        taken: list[tuple[Held, str]] = []
+        for name, raw, stat in candidates:
+            lock = locks[f"{wire.REQUEST_LOCKS}/{name}"]
+            if lock is None:
+                continue  # another launcher's, or one that died: looked at again later
+            got = self._parse(name, raw, stat.version, lock)
             if got is not None:
-                taken.append(got)
+                taken.append((got, tag_of(name, stat.czxid)))
         if taken:
             self._queue(taken)
 
-    def _lock_and_parse(
-        self, name: str, raw: bytes, version: int, czxid: int
-    ) -> tuple[Held, str] | None:
-        try:
-            data = wire.decode(raw)
-            state = data.get("state")
-        except wire.BadRequest:
-            data, state = {}, wire.REQUESTED
-        if state not in (wire.REQUESTED, wire.PENDING):
-            self.passed.add(name)
-            return None
-        lock = try_lock(self.zk, f"{wire.REQUEST_LOCKS}/{name}")
-        if lock is None:
-            return None  # another launcher's, or one that died: looked at again later
+    def _parse(self, name: str, raw: bytes, version: int, lock: str) -> Held | None:
         try:
             request = wire.parse_request(name, wire.decode(raw))
             problems = check(request.labels, [x.name for x in self.config.labels],
@@ -127,9 +129,13 @@ class Desk:
             if problems:
                 raise wire.BadRequest("; ".join(p.message for p in problems))
         except wire.BadRequest as exc:
-            self._fail(name, data, version, lock, str(exc))
+            try:
+                data = wire.decode(raw)
+            except wire.BadRequest:
+                data = {}
+            self._fail(name, data, lock, str(exc))
             return None
-        return Held(request, lock, version), tag_of(name, czxid)
+        return Held(request, lock, version)
 
     def _queue(self, taken: list[tuple[Held, str]]) -> None:
         """Find the freshpool requests already made for these (a restart), make the rest
@@ -167,6 +173,7 @@ class Desk:
     def answer(self) -> None:
         """Answer every held znode whose freshpool request the store has settled."""
         if not self.held:
+            self.flush()
             return
         by_id = {h.freshpool_id: h for h in self.held.values()}
         rows = self.store.requests_in(list(by_id))
@@ -180,8 +187,9 @@ class Desk:
                 self._fulfil(held, row, nodes[row.id])
             else:
                 reason = row.reason or f"the request was {row.state}"
-                self._fail(held.request.id, held.request.data, held.version, held.lock, reason)
+                self._fail(held.request.id, held.request.data, held.lock, reason)
         self.resync = False
+        self.flush()
 
     def _fulfil(self, held: Held, row: RequestRow, nodes: list[NodeRow]) -> None:
         ordered = _in_label_order(row.labels, nodes)
@@ -191,32 +199,36 @@ class Desk:
             held.request.data, wire.FULFILLED, nodes=[wire.node_id(n.id) for n in ordered],
             declined_by=held.request.data.get("declined_by") or [],
         )  # fmt: skip
-        self._write_answer(held.request.id, data, held.version, held.lock)
+        self._write_answer(held.request.id, data, held.lock)
         log.info("request %s fulfilled with nodes %s", held.request.id, [n.id for n in ordered])
 
-    def _fail(self, name: str, data: dict[str, Any], version: int, lock: Lock,
-              reason: str) -> None:  # fmt: skip
+    def _fail(self, name: str, data: dict[str, Any], lock: str, reason: str) -> None:
         declined = data.get("declined_by")
         declined = declined if isinstance(declined, list) else []
         answer = wire.answered(data, wire.FAILED, declined_by=[*declined, self.launcher],
                                nodes=[], failure_reason=reason)  # fmt: skip
-        self._write_answer(name, answer, version, lock)
+        self._write_answer(name, answer, lock)
         self.passed.add(name)
         log.warning("request %s failed: %s", name, reason)
 
-    def _write_answer(self, name: str, data: dict[str, Any], version: int, lock: Lock) -> None:
-        try:
-            # Our lock keeps other launchers off; the client only deletes it.
-            self.zk.set(f"{wire.REQUESTS}/{name}", wire.encode(data))
-        except NoNodeError:
-            pass
-        finally:
-            unlock(lock)
+    def _write_answer(self, name: str, data: dict[str, Any], lock: str) -> None:
+        """Sent now, read in `flush`: ZooKeeper applies one session's writes in order,
+        so the node znodes written before are there when a client sees the answer."""
+        # Our lock keeps other launchers off; the client only deletes the znode.
+        self.writes.append(self.zk.set_async(f"{wire.REQUESTS}/{name}", wire.encode(data)))
+        self.writes.append(self.zk.delete_async(lock))
+
+    def flush(self) -> None:
+        """Wait for the writes sent; a request the client deleted meanwhile is no loss."""
+        writes, self.writes = self.writes, []
+        for write in writes:
+            with contextlib.suppress(NoNodeError):
+                write.get()
 
     def _vanished(self, held: Held) -> None:
         """The client deleted a request we still serve: cancel it (nodes handed to it
         meanwhile go to deletion, never back to ready)."""
-        unlock(held.lock)
+        unlock(self.zk, held.lock)
         # Settled meanwhile (failed, say): nothing to cancel.
         with contextlib.suppress(Refused):
             self.store.cancel_request(held.freshpool_id, "the Nodepool request was deleted")

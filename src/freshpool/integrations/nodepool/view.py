@@ -52,8 +52,10 @@ class View:
         self.dirty: set[int] = set()
         self.resync = True
         self._watches: dict[int, Callable[[Any], None]] = {}
+        self.writes: list[Any] = []
 
     def forget(self) -> None:
+        self.writes.clear()
         self.shown.clear()
         self.dirty.clear()
         self._watches.clear()
@@ -62,7 +64,12 @@ class View:
     def allocate(self, node: NodeRow, request: str, requestor: str) -> None:
         """Show `node` as handed to the request znode `request`."""
         data = wire.node_data(node, self.launcher, wire.READY, request, requestor)
-        self._write(node.id, data)
+        path = f"{wire.NODES}/{wire.node_id(node.id)}"
+        # Sent, not awaited: the request's answer goes after it on the same session.
+        if node.id in self.shown:
+            self.writes.append(self.zk.set_async(path, wire.encode(data)))
+        else:
+            self.writes.append(self.zk.create_async(path, wire.encode(data), makepath=True))
         self.shown[node.id] = Shown(allocated_to=request)
         self.dirty.add(node.id)
 
@@ -71,11 +78,21 @@ class View:
         rows = {n.id: n for n in self.store.nodes([str(s) for s in SHOWN])}
         if self.resync:
             self._adopt(rows)
-        for node in rows.values():
-            if node.state == NodeState.READY and node.id not in self.shown:
+        fresh = [n for n in rows.values() if n.state == NodeState.READY and n.id not in self.shown]
+        creates = []
+        for node in fresh:
+            data = wire.encode(wire.node_data(node, self.launcher, wire.READY, None))
+            path = f"{wire.NODES}/{wire.node_id(node.id)}"
+            creates.append((node, self.zk.create_async(path, data, makepath=True)))
+        for node, create in creates:
+            try:
+                create.get()
+            except NodeExistsError:
                 self._write(node.id, wire.node_data(node, self.launcher, wire.READY, None))
-                self.shown[node.id] = Shown(allocated_to=None)
-                self.dirty.add(node.id)
+            self.shown[node.id] = Shown(allocated_to=None)
+            self.dirty.add(node.id)
+        self._settle_writes()
+        follow = []
         for node_id, shown in list(self.shown.items()):
             row = rows.get(node_id)
             if row is None or (row.state != NodeState.READY and shown.allocated_to is None):
@@ -83,8 +100,40 @@ class View:
                 self._remove(node_id, shown)
             elif node_id in self.dirty:
                 self.dirty.discard(node_id)
-                self._follow(row, shown)
+                follow.append((row, shown))
+        self._follow_all(follow)
         self.resync = False
+
+    def _settle_writes(self) -> None:
+        writes, self.writes = self.writes, []
+        for write in writes:
+            try:
+                write.get()
+            except NodeExistsError:
+                log.warning("a node znode we allocated existed already; rewritten next sync")
+
+    def _follow_all(self, follow: list[tuple[NodeRow, Shown]]) -> None:
+        """Read every node's znode and lock at once (then one round trip for all)."""
+        reads = []
+        for row, shown in follow:
+            path = f"{wire.NODES}/{wire.node_id(row.id)}"
+            watch = self._watch(row.id)
+            data = self.zk.get_async(path, watch=watch)
+            lock = self.zk.get_children_async(f"{path}/lock", watch=watch)
+            reads.append((row, shown, data, lock))
+        for row, shown, data, lock in reads:
+            try:
+                raw = data.get()[0]
+            except NoNodeError:
+                raw = b"{}"  # deleted under us: the client is done with it
+            try:
+                is_locked = bool(lock.get())
+            except NoNodeError:
+                self.zk.exists(
+                    f"{wire.NODES}/{wire.node_id(row.id)}/lock", watch=self._watch(row.id)
+                )
+                is_locked = False
+            self._follow(row, shown, _json(raw).get("state", ""), is_locked)
 
     def _adopt(self, rows: dict[int, NodeRow]) -> None:
         """After a start or a lost session: which nodes are handed to Zuul's requests."""
@@ -132,15 +181,7 @@ class View:
         del self.shown[node_id]
         self._watches.pop(node_id, None)
 
-    def _follow(self, node: NodeRow, shown: Shown) -> None:
-        path = f"{wire.NODES}/{wire.node_id(node.id)}"
-        watch = self._watch(node.id)
-        try:
-            raw, _ = self.zk.get(path, watch=watch)
-        except NoNodeError:
-            raw = b"{}"  # deleted under us: the client is done with it
-        state = _json(raw).get("state", "")
-        is_locked = locked(self.zk, f"{path}/lock", watch)
+    def _follow(self, node: NodeRow, shown: Shown, state: str, is_locked: bool) -> None:
         shown.was_locked = shown.was_locked or is_locked
         if shown.allocated_to is None:
             if state == wire.DELETING:

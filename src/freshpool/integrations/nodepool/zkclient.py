@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError, NotEmptyError
-from kazoo.recipe.lock import Lock
 
 from freshpool.config.nodepool import NodepoolCompat
 
@@ -27,18 +29,43 @@ def connect(settings: NodepoolCompat) -> KazooClient:
     return KazooClient(hosts=hosts, timeout=settings.session_timeout, **tls)
 
 
-def try_lock(zk: KazooClient, path: str) -> Lock | None:
-    """Nodepool's (kazoo's) lock on `path`, if nobody holds it; never waits."""
-    lock = Lock(zk, path)
-    try:
-        return lock if lock.acquire(blocking=False) else None
-    except NoNodeError:
-        return None
+# kazoo's Lock recipe, which Zuul and Nodepool use: a contender is an ephemeral
+# sequential child "<uuid>__lock__<seq>"; the lowest sequence holds the lock.
+_CONTENDER = re.compile(r"__r?lock__(\d+)$")
 
 
-def unlock(lock: Lock) -> None:
-    # A lost session already dropped the lock's ephemeral znode; release copes.
-    lock.release()
+def try_locks(zk: KazooClient, paths: Sequence[str]) -> dict[str, str | None]:
+    """Take the kazoo-recipe lock at each of `paths` if nobody holds it, never waiting:
+    path -> our contender znode (to release), or None. Each phase is sent for every
+    path before any answer is read, so many locks cost two round trips, not 2 x n."""
+    creates = [
+        (p, zk.create_async(f"{p}/{uuid.uuid4().hex}__lock__", b"", ephemeral=True,
+                            sequence=True, makepath=True))
+        for p in paths
+    ]  # fmt: skip
+    ours = {p: str(c.get()) for p, c in creates}
+    listings = [(p, zk.get_children_async(p)) for p in paths]
+    taken: dict[str, str | None] = {}
+    for path, listing in listings:
+        mine = _sequence(ours[path].rsplit("/", 1)[1])
+        others = [_sequence(c) for c in listing.get()]
+        first = all(seq is None or mine is None or seq >= mine for seq in others)
+        taken[path] = ours[path] if first else None
+    for path, held in taken.items():
+        if held is None:
+            unlock(zk, ours[path])
+    return taken
+
+
+def _sequence(name: str) -> str | None:
+    match = _CONTENDER.search(name)
+    return match.group(1) if match else None
+
+
+def unlock(zk: KazooClient, contender: str) -> None:
+    # A lost session already dropped the ephemeral znode.
+    with contextlib.suppress(NoNodeError):
+        zk.delete(contender)
 
 
 def locked(zk: KazooClient, path: str, watch: Callable[[Any], None] | None = None) -> bool:
