@@ -24,6 +24,7 @@ from pydantic import (
 from freshpool.config.base import Model, Name, Seconds
 from freshpool.config.clouds import AwsSettings, OpenStackSettings
 from freshpool.config.images import Image, image_parent_problems
+from freshpool.config.nodepool import NodepoolCompat
 from freshpool.core.errors import UnknownName
 from freshpool.core.nodesets import providers_serving
 
@@ -393,6 +394,8 @@ class Config(Model):
     launcher_id: str | None = Field(default=None, min_length=1, max_length=200)
     lease_ttl: Annotated[float, Field(ge=1.0, le=600.0)] = 15.0
     serve_providers: list[Name] | None = None
+    # Speak Nodepool's ZooKeeper protocol, so Zuul uses this pool unchanged.
+    nodepool_compat: NodepoolCompat | None = None
 
     @property
     def launcher_name(self) -> str:

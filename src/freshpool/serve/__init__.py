@@ -44,11 +44,15 @@ import contextlib
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from freshpool.api.server import bind, check_tls, url_of
 from freshpool.config import Config
 from freshpool.launcher import Runner
 from freshpool.serve.supervisor import ApiProcess, StartError
+
+if TYPE_CHECKING:
+    from freshpool.integrations.nodepool.bridge import Bridge
 
 URL_FILE = "api.url"
 
@@ -58,10 +62,14 @@ class Running:
     api: ApiProcess
     url: str | None
     url_file: Path | None
+    # The nodepool-compat bridge (integrations/nodepool/), if configured.
+    compat: Bridge | None = None
 
     def stop(self, keep_listener: bool = False) -> None:
         """Stop the API process; its listening socket too unless `keep_listener` (a
         reload hands it to the next one, so clients wait in its queue meanwhile)."""
+        if self.compat is not None:
+            self.compat.stop()
         self.api.stop()
         if keep_listener:
             return
@@ -97,7 +105,19 @@ def start(config: Config, runner: Runner, port: int | None = None,
         # Where clients on this host (and tests using port 0) find the API.
         url_file = config.state_dir / URL_FILE
         url_file.write_text(url + "\n")
-    return Running(api, url, url_file)
+    running = Running(api, url, url_file)
+    if config.nodepool_compat is not None:
+        # Zuul's front door: imported only when configured, as kazoo is an extra.
+        from freshpool.integrations.nodepool.bridge import Bridge
+
+        bridge = Bridge(config, runner.store, poke=api.poke)
+        try:
+            bridge.start()
+        except Exception:
+            running.stop()
+            raise
+        running.compat = bridge
+    return running
 
 
 __all__ = ["Running", "StartError", "start"]

@@ -52,6 +52,12 @@ class ApiProcess:
         if self._link is not None:
             self._link.send(PASS)
 
+    def poke(self) -> None:
+        """Requests were queued in the store by a front door of this process (not the
+        API's handlers): the scheduler passes now, once the launcher has passed."""
+        if self._passed and self._link is not None:
+            self._link.send(PASS)
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         if self._link is not None:

@@ -87,6 +87,28 @@ class RequestQueries(StoreBase):
         with self._read() as conn:
             return [RequestRow(**row._mapping) for row in conn.execute(query)]
 
+    def requests_in(self, request_ids: Sequence[int]) -> dict[int, RequestRow]:
+        """The requests of these ids that exist, by id: one query for many."""
+        if not request_ids:
+            return {}
+        query = select(requests).where(requests.c.id.in_(list(request_ids)))
+        with self._read() as conn:
+            return {row.id: RequestRow(**row._mapping) for row in conn.execute(query)}
+
+    def requests_by_requestor(
+        self, names: Sequence[str], states_in: Sequence[str]
+    ) -> list[RequestRow]:
+        """Requests in `states_in` whose requestor is one of `names`: how a front door
+        that names its requests after the outside ones finds them again after a restart."""
+        if not names:
+            return []
+        query = select(requests).where(
+            requests.c.state.in_([str(s) for s in states_in]),
+            requests.c.requestor.in_(list(names)),
+        )
+        with self._read() as conn:
+            return [RequestRow(**row._mapping) for row in conn.execute(query)]
+
     def request_nodes(self, request_ids: Sequence[int]) -> dict[int, list[NodeRow]]:
         """The nodes still in the store that were handed to each request."""
         found: dict[int, list[NodeRow]] = {i: [] for i in request_ids}

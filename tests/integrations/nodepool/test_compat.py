@@ -1,0 +1,160 @@
+"""nodepool-compat against a real ZooKeeper (TLS) and a Zuul-side client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from freshpool.core.states import NodeState
+from tests.api.conftest import wait_for
+from tests.integrations.nodepool.conftest import CompatPool
+from tests.integrations.nodepool.zookeeper import ZooKeeper
+from tests.integrations.nodepool.zuulside import NODES, ZuulSide
+
+Start = Callable[..., CompatPool]
+Zuul = Callable[[CompatPool], ZuulSide]
+
+
+def node_ids_by_state(pool: CompatPool, state: str) -> set[int]:
+    return {n.id for n in pool.store.nodes([state])}
+
+
+def test_registers_and_shows_ready_nodes(compat_pool: Start, zuul_for: Zuul) -> None:
+    pool = compat_pool(min_ready=2)
+    client = zuul_for(pool)
+    root = "/nodepool/components/pool"
+    pools = wait_for(
+        lambda: client.zk.exists(root) and client.zk.get_children(root), 30, "register"
+    )
+    data = json.loads(client.zk.get(f"/nodepool/components/pool/{pools[0]}")[0])
+    assert data["id"] == "freshpool-test" and data["supported_labels"] == ["debian"]
+    pool.wait_ready(2)
+
+    def ready_znodes() -> set[str]:
+        names = client.zk.get_children(NODES) if client.zk.exists(NODES) else []
+        return {n for n in names if client.node(n)["state"] == "ready"}
+
+    shown = wait_for(lambda: len(ready_znodes()) >= 2 and ready_znodes(), 30, "ready znodes")
+    for name in shown:
+        node = client.node(name)
+        assert node["allocated_to"] is None and node["type"] == ["debian"]
+    assert {int(n) for n in shown} <= node_ids_by_state(pool, "ready")
+
+
+def test_multi_node_request_through_a_job(compat_pool: Start, zuul_for: Zuul) -> None:
+    pool = compat_pool(min_ready=2)
+    pool.wait_ready(2)
+    client = zuul_for(pool)
+    request = client.submit(["debian", "debian"], tenant_name="tenant-one")
+    answer = client.wait(request)
+    assert answer["state"] == "fulfilled", answer
+    nodes = answer["nodes"]
+    assert len(nodes) == 2 and len(set(nodes)) == 2
+    assert answer["requestor_data"]["job_name"] == "tox-py311"  # the client's keys kept
+    for name in nodes:
+        node = client.node(name)
+        assert node["allocated_to"] == request and node["state"] == "ready"
+        assert node["connection_type"] == "ssh" and node["interface_ip"]
+        assert node["username"] == "root" and node["type"] == ["debian"]
+        row = pool.store.node(int(name))
+        assert row.state == NodeState.IN_USE and row.tenant == "tenant-one"
+    client.accept(request, nodes)
+    for name in nodes:
+        client.set_state(name, "in-use")
+    wait_for(lambda: all(pool.store.job_started_at(int(n)) for n in nodes), 30, "job start")
+    client.give_back(nodes)
+
+    def gone() -> bool:
+        rows = {n.id: n.state for n in pool.store.nodes()}
+        left = [n for n in nodes if rows.get(int(n)) in ("in-use", "ready")]
+        return not left and not any(client.zk.exists(f"{NODES}/{n}") for n in nodes)
+
+    wait_for(gone, 30, "nodes released and their znodes removed")
+
+
+def test_unknown_label_and_bad_znodes_fail_alone(compat_pool: Start, zuul_for: Zuul) -> None:
+    pool = compat_pool(min_ready=1)
+    pool.wait_ready(1)
+    client = zuul_for(pool)
+    unknown = client.submit(["no-such-label"])
+    not_json = client.submit_raw(b"{not json")
+    bad_types = client.submit_raw(
+        json.dumps({"node_types": "debian", "state": "requested"}).encode()
+    )
+    good = client.submit(["debian"])
+    for request, why in ((unknown, "no-such-label"), (not_json, "not JSON"),
+                         (bad_types, "node_types")):  # fmt: skip
+        answer = client.wait(request)
+        assert answer["state"] == "failed" and answer["declined_by"] == ["freshpool-test"]
+        assert why in answer["failure_reason"]
+    assert client.wait(good)["state"] == "fulfilled"
+
+
+def test_client_that_dies_holding_locks(compat_pool: Start, zuul_for: Zuul) -> None:
+    pool = compat_pool(min_ready=2)
+    pool.wait_ready(2)
+    client = zuul_for(pool)
+    request = client.submit(["debian"])
+    nodes = client.wait(request)["nodes"]
+    client.accept(request, nodes)
+    client.set_state(nodes[0], "in-use")
+    client.zk.stop()  # the session ends: its locks go with it
+    client.zk.close()
+    node_id = int(nodes[0])
+    wait_for(lambda: node_id not in node_ids_by_state(pool, "in-use"), 30, "the node released")
+    watcher = zuul_for(pool)
+    wait_for(lambda: not watcher.zk.exists(f"{NODES}/{nodes[0]}"), 30, "its znode removed")
+    assert node_id not in node_ids_by_state(pool, "ready")  # single use: never back
+
+
+def test_request_deleted_before_the_client_locked(compat_pool: Start, zuul_for: Zuul) -> None:
+    pool = compat_pool(min_ready=1)
+    pool.wait_ready(1)
+    client = zuul_for(pool)
+    request = client.submit(["debian"])
+    nodes = client.wait(request)["nodes"]
+    client.zk.delete(f"/nodepool/requests/{request}")
+    wait_for(lambda: int(nodes[0]) not in node_ids_by_state(pool, "in-use"), 30, "release")
+
+
+def test_hold_and_delete_set_by_the_client(compat_pool: Start, zuul_for: Zuul) -> None:
+    pool = compat_pool(min_ready=2)
+    pool.wait_ready(2)
+    client = zuul_for(pool)
+    request = client.submit(["debian"])
+    held = client.wait(request)["nodes"][0]
+    client.accept(request, [held])
+    client.set_state(held, "hold")
+    client.locks.pop(held).release()
+    wait_for(lambda: pool.store.node(int(held)).state == NodeState.HOLD, 30, "held")
+
+    # `nodepool delete` on a ready node: it is deleted, never handed out.
+    def unallocated() -> list[str]:
+        shown = [client.node(n) | {"id": n} for n in client.zk.get_children(NODES)]
+        return [n["id"] for n in shown if n["state"] == "ready" and n["allocated_to"] is None]
+
+    ready = wait_for(unallocated, 30, "a ready znode")
+    client.set_state(ready[0], "deleting")
+    wait_for(lambda: int(ready[0]) not in node_ids_by_state(pool, "ready"), 30, "deleted")
+    assert pool.store.node(int(held)).state == NodeState.HOLD
+
+
+def test_zookeeper_restart_mid_run(
+    compat_pool: Start, zuul_for: Zuul, zookeeper: ZooKeeper
+) -> None:
+    pool = compat_pool(min_ready=2)
+    pool.wait_ready(2)
+    client = zuul_for(pool)
+    first = client.submit(["debian"])
+    first_nodes = client.wait(first)["nodes"]
+    client.accept(first, first_nodes)
+    zookeeper.restart()
+    second = client.submit(["debian"])
+    answer = client.wait(second, timeout=60)
+    assert answer["state"] == "fulfilled"
+    assert set(answer["nodes"]).isdisjoint(first_nodes)
+    wait_for(lambda: client.zk.get_children("/nodepool/components/pool"), 30, "re-registered")
+    # Every in-use node went to exactly one request; each request got one set.
+    in_use = pool.store.nodes(["in-use"])
+    assert len({n.id for n in in_use}) == len(in_use)
+    assert pool.store.node(int(first_nodes[0])).state == NodeState.IN_USE
