@@ -388,9 +388,8 @@ class Config(Model):
     # Fair-share weights; a tenant not listed has weight 1.
     tenants: list[Tenant] = []
     statsd: Statsd | None = None
-    # Several launchers on one PostgreSQL (docs/fleet.md): this one's name (default:
-    # host name and state directory), how long a provider's lease lasts unrenewed, and
-    # the providers it may drive (default: all).
+    # Several launchers on one PostgreSQL (docs/fleet.md): this one's name, how long a
+    # provider's lease lasts unrenewed, and the providers it may drive (default: all).
     launcher_id: str | None = Field(default=None, min_length=1, max_length=200)
     lease_ttl: Annotated[float, Field(ge=1.0, le=600.0)] = 15.0
     serve_providers: list[Name] | None = None
@@ -434,12 +433,8 @@ class Config(Model):
         providers = {p.name for p in self.providers}
         for i, name in enumerate(self.serve_providers or []):
             if name not in providers:
-                problems.append(
-                    (
-                        ("serve-providers", i),
-                        f"no provider named {name!r} (known: {', '.join(sorted(providers))})",
-                    )
-                )
+                why = f"no provider named {name!r} (known: {', '.join(sorted(providers))})"
+                problems.append((("serve-providers", i), why))
         problems += image_parent_problems(self.images)
         problems += self._limit_problems()
         return problems
