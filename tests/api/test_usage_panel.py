@@ -4,20 +4,18 @@ store with two weeks of known history; it also takes the README's picture."""
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from freshpool.api.server import bind, url_of
 from freshpool.config import parse
 from freshpool.core.states import NodeState
 from freshpool.serve.apiprocess import Serving
 from freshpool.store import Store
-from tests.api.test_dashboard import ARTIFACTS, CHROMIUM, FLAGS
+from tests.api.browser import ARTIFACTS, needs_chromium, page_at
 from tests.support import fulfil
 
 N = NodeState
@@ -79,33 +77,24 @@ api: {{port: 0}}
         store.close()
 
 
-@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="apt-get install chromium (see .ci/run)")
+@needs_chromium
 def test_usage_panel_charts_each_tenant_per_day(served: str) -> None:
     import httpx
 
     report = httpx.get(f"{served}/usage", params={"days": 14}).json()
     expected = {r["group"]: r for r in report["rows"]}
     assert set(expected) == {"", *TENANTS}
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.goto(served + "/")
-            page.wait_for_selector("#usage tr[data-tenant='web']")
-            cells = page.locator("#usage tr[data-tenant='web'] td").all_inner_texts()
-            web = expected["web"]
-            assert cells[0] == "web" and cells[1] == f"{web['node_hours']:.0f}"
-            assert cells[5] == f"{web['cost']:.2f}"
-            # One bar for each day a tenant ran nodes, as /usage counted them.
-            bars = page.locator("#chart-usage rect[data-tenant='web']").count()
-            assert bars == sum(1 for d in report["days"] if d["tenant"] == "web")
-            assert bars >= 13
-            page.locator("#usage-panel").screenshot(path=str(ARTIFACTS / "usage-panel.png"))
-        finally:
-            browser.close()
+    with page_at(served + "/", problems) as page:
+        page.wait_for_selector("#usage tr[data-tenant='web']")
+        cells = page.locator("#usage tr[data-tenant='web'] td").all_inner_texts()
+        web = expected["web"]
+        assert cells[0] == "web" and cells[1] == f"{web['node_hours']:.0f}"
+        assert cells[5] == f"{web['cost']:.2f}"
+        # One bar for each day a tenant ran nodes, as /usage counted them.
+        bars = page.locator("#chart-usage rect[data-tenant='web']").count()
+        assert bars == sum(1 for d in report["days"] if d["tenant"] == "web")
+        assert bars >= 13
+        page.locator("#usage-panel").screenshot(path=str(ARTIFACTS / "usage-panel.png"))
     assert problems == []
     assert (ARTIFACTS / "usage-panel.png").stat().st_size > 10_000
