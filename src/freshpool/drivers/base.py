@@ -193,10 +193,9 @@ class Driver(ABC):
             return FailedCommand(DriverError(f"{external_id}: no way to reach the node"))
         return CommandOperation(access, command, timeout)
 
-    @property
-    def runs_layers_in_place(self) -> bool:
-        """Whether it keeps the default upload: its nodes run from the layers on disk,
-        so a build with no upload row here yet serves too."""
+    def serves_without_upload(self, label: str) -> bool:
+        """Whether a build with no upload row here yet serves this label too: the
+        default upload's drivers run nodes from the layers on disk."""
         return type(self).upload_image is Driver.upload_image
 
     def upload_image(self, upload: ImageUpload) -> Operation[str]:

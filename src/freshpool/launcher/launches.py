@@ -125,7 +125,8 @@ def _launch_on(
         throttled.add(provider.name)
         return None
     # Only a build whose upload to this provider is ready (the image keeper's work).
-    serving = shared.store.serving_on(label.image, provider.name, driver.runs_layers_in_place)
+    in_place = driver.serves_without_upload(label.name)
+    serving = shared.store.serving_on(label.image, provider.name, in_place)
     if serving is None:
         return None
     allowed = 0

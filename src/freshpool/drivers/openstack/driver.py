@@ -138,6 +138,10 @@ class OpenStackDriver(CloudDriver):
 
     # ------------------------------------------------------------ images
 
+    def serves_without_upload(self, label: str) -> bool:
+        # A label that names its cloud image boots that, whatever its build's upload.
+        return not self.settings.uploads_for((label,))
+
     def upload_image(self, upload: ImageUpload) -> Operation[str]:
         if not self.settings.uploads_for(upload.labels):
             return DoneOperation(result="")  # its labels boot cloud images only
