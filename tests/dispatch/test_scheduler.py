@@ -22,7 +22,7 @@ import pytest
 
 from freshpool import launcherlock
 from freshpool.config import Config, parse
-from freshpool.core.errors import WriteBusy
+from freshpool.core.errors import StaleState, WriteBusy
 from freshpool.core.states import BuildState, NodeState, RequestState
 from freshpool.dispatch import direct
 from freshpool.dispatch.scheduler import Outcome, Scheduler
@@ -352,3 +352,50 @@ def test_a_cli_acquire_with_no_serve_places_its_request_itself(
     make_ready(store, "small")
     (node,) = direct.acquire(cfg, store, ["small"], timeout=5)
     assert node.state == NodeState.IN_USE
+
+
+def test_a_cli_acquire_interrupted_while_waiting_cancels_its_request(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while `freshpool acquire` waits: its request is cancelled, so the node
+    that turns ready next is not handed to a job that is no longer there."""
+    cfg = config(tmp_path)
+    ready_image(store, tmp_path)
+    monkeypatch.setattr(direct, "LOOK_EVERY", 0.0)
+
+    def interrupted(*_args: object) -> list[object]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(direct, "_look", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        direct.acquire(cfg, store, ["small"], timeout=5)
+    (request,) = store.list_requests()
+    assert request.state == RequestState.CANCELLED
+    make_ready(store, "small")
+    (node,) = direct.acquire(cfg, store, ["small"], timeout=5)
+    assert node.request_id != request.id
+    assert store.request(request.id).state == RequestState.CANCELLED
+
+
+def test_a_cli_acquire_runs_its_hand_out_again_when_another_process_settled_a_request(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a launcher can fail an overdue request while a CLI's hand-out
+    reads the queue; the hand-out rolls back with StaleState and is run again, and
+    neither the CLI nor its request is left hanging."""
+    cfg = config(tmp_path)
+    ready_image(store, tmp_path)
+    make_ready(store, "small")
+    real = store.hand_out
+    raced: list[int] = []
+
+    def racing(*args: object, **kwargs: object) -> object:
+        if not raced:
+            raced.append(1)
+            raise StaleState("a request stopped pending during the hand-out")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "hand_out", racing)
+    (node,) = direct.acquire(cfg, store, ["small"], timeout=5)
+    assert raced and node.state == NodeState.IN_USE
+    assert [r.state for r in store.list_requests()] == [RequestState.FULFILLED]

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from freshpool.core.errors import AcquireTimeout, StaleState
+from freshpool.core.errors import AcquireTimeout
 from freshpool.dispatch import direct
 from freshpool.store import Store
 from tests.launcher.fleet import Fleet, wait_for
@@ -53,7 +53,7 @@ class Jobs:
         while not self.done.is_set():
             try:
                 (node,) = direct.acquire(self.config, self.store, ["debian"], timeout=3.0)
-            except (AcquireTimeout, StaleState):  # no node in time; or its deadline came
+            except AcquireTimeout:  # no node in time
                 continue
             self.got.append(node.id)
             try:
@@ -64,12 +64,11 @@ class Jobs:
     def stop(self) -> list[int]:
         self.done.set()
         self.thread.join()
-        # An acquire that failed with StaleState (the hand-out raced a launcher failing
-        # an overdue request) can leave its request pending, to be served later with
-        # nobody waiting: give such nodes back as their job would.
-        for node in self.store.nodes(["in-use"]):
-            self.store.release_set(node.id, "job gone")
+        # Every acquire that gave up cancelled its request: no node is in use with
+        # nobody holding it.
+        stray = [n.id for n in self.store.nodes(["in-use"])]
         self.store.close()
+        assert not stray, f"nodes {stray} in use with no job holding them"
         return self.got
 
 

@@ -8,6 +8,7 @@ runs a pass with the same planner the scheduler uses, over the whole queue.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import socket
@@ -16,16 +17,23 @@ from collections.abc import Sequence
 
 from freshpool import crashpoints, launcherlock
 from freshpool.config import Config
-from freshpool.core.errors import AcquireTimeout, BadInput, NothingToServe, StaleState
+from freshpool.core.errors import (
+    AcquireTimeout,
+    BadInput,
+    NothingToServe,
+    StaleState,
+)
 from freshpool.core.nodesets import check
 from freshpool.core.placement import Clocks
 from freshpool.core.sshkeys import check_public_key
-from freshpool.core.states import RequestState
+from freshpool.core.states import InvalidTransition, RequestState
 from freshpool.dispatch.scheduler import Planning
 from freshpool.store import HandOut, NewRequest, NodeRow, RequestRow, Store, queue_only
 
 # Between two looks at the request, at most (a change in the store ends the wait).
 LOOK_EVERY = 0.5
+# Hand-outs run again when another process changed the queue under them.
+STALE_TRIES = 5
 
 
 def requestor() -> str:
@@ -55,23 +63,46 @@ def acquire(
     planning = Planning(config)
     watcher = store.change_watcher()
     try:
-        done = _pass(config, store, planning, [new])
+        done = _first_pass(config, store, planning, new)
         request = done.created[0]
         got = done.nodes_of(request.id)
-        while not got:
-            if time.time() >= deadline:
-                _give_up(store, request, timeout)
-            else:
-                # Wait for another process to commit something (a node turning ready),
-                # checking a cheap change counter instead of re-running the pass.
-                wake = min(deadline, time.time() + LOOK_EVERY)
-                while time.time() < wake and not watcher.changed():
-                    time.sleep(0.01)
-            got = _look(config, store, planning, request.id, labels, timeout)
+        try:
+            while not got:
+                if time.time() >= deadline:
+                    _give_up(store, request, timeout)
+                else:
+                    # Wait for another process to commit something (a node turning
+                    # ready), checking a cheap change counter, not re-running the pass.
+                    wake = min(deadline, time.time() + LOOK_EVERY)
+                    while time.time() < wake and not watcher.changed():
+                        time.sleep(0.01)
+                got = _look(config, store, planning, request.id, labels, timeout)
+        except BaseException:
+            # Nobody will take what this request is handed later (Ctrl-C, a failed
+            # look): cancel it, so no node goes to a job that is not there.
+            _abandon(store, request.id)
+            raise
         crashpoints.point("handoff")
         return got
     finally:
         watcher.close()
+
+
+def _first_pass(config: Config, store: Store, planning: Planning, new: NewRequest) -> HandOut:
+    """Queue `new` and serve what can be served. StaleState means another process
+    settled a request of the queue meanwhile and the whole hand-out (with `new`)
+    rolled back: it is run again."""
+    for _ in range(STALE_TRIES - 1):
+        try:
+            return _pass(config, store, planning, [new])
+        except StaleState:
+            continue
+    return _pass(config, store, planning, [new])
+
+
+def _abandon(store: Store, request_id: int) -> None:
+    with contextlib.suppress(StaleState, InvalidTransition):
+        store.cancel_request(request_id, "the client stopped waiting")
 
 
 def _check(config: Config, store: Store, labels: Sequence[str]) -> None:
@@ -106,7 +137,10 @@ def _look(
     """Our nodes if the request is fulfilled now (by a pass here or elsewhere)."""
     request = store.request(request_id)
     if request.state == RequestState.PENDING:
-        done = _pass(config, store, planning, [])
+        try:
+            done = _pass(config, store, planning, [])
+        except StaleState:
+            return []  # another process settled a request meanwhile: look again
         if request_id in done.fulfilled:
             return done.nodes_of(request_id)
         request = store.request(request_id)
