@@ -13,8 +13,6 @@ from freshpool.config.loader import (
     resolve_path,
 )
 from freshpool.config.models import (
-    Api,
-    ApiTls,
     Config,
     Label,
     LocalNetwork,
@@ -22,10 +20,9 @@ from freshpool.config.models import (
     Provider,
     QemuSettings,
     SimSettings,
-    Statsd,
-    Tenant,
     VmSize,
 )
+from freshpool.config.service import Api, ApiTls, Statsd, Tenant
 from freshpool.core.errors import UnknownName
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""The configuration's models: providers, labels, the API, tenants, the whole file.
+"""The configuration's models: providers, labels and the whole file (the API and
+tenants: service.py).
 
 Units are the same everywhere: durations in seconds, rates per second. Unknown keys
 are errors. The loader (loader.py) turns the models' errors into file:line:key.
@@ -25,6 +26,7 @@ from freshpool.config.base import Model, Name, Seconds
 from freshpool.config.clouds import AwsSettings, OpenStackSettings
 from freshpool.config.images import Image, image_parent_problems
 from freshpool.config.nodepool import NodepoolCompat
+from freshpool.config.service import Api, Statsd, Tenant
 from freshpool.core.errors import UnknownName
 from freshpool.core.nodesets import providers_serving
 
@@ -311,62 +313,6 @@ class Label(Model):
 
     # All of this label's nodes at once, on every provider and launcher (None: no cap).
     max_nodes: int | None = Field(default=None, ge=1)
-
-
-class ApiTls(Model):
-    """The API's certificate and private key (PEM files; the chain goes in `cert`)."""
-
-    cert: Path
-    key: Path
-
-
-class Api(Model):
-    """The HTTP API and dashboard, which `freshpool serve` runs in a process beside its own."""
-
-    enabled: bool = True
-    # Loopback only unless the operator says otherwise; port 0 picks a free one.
-    listen: str = "127.0.0.1"
-    port: int = Field(default=8005, ge=0, le=65535)
-    # Read-only status (GET endpoints, the dashboard) without a token.
-    open_status: bool = True
-    # Tokens of these tenants may see and act on every tenant's requests and nodes.
-    admin_tenants: list[Name] = []
-    tls: ApiTls | None = None
-    # Plain HTTP on an address other machines reach: tokens and node keys in clear.
-    insecure: bool = False
-
-    @model_validator(mode="after")
-    def _plain_http_only_on_loopback(self) -> Api:
-        if self.enabled and self.tls is None and not self.insecure and not self.loopback:
-            raise ValueError(
-                f"listen {self.listen!r} is reachable from other machines and the API has no"
-                " TLS: set api.tls {cert: FILE, key: FILE}, or api.insecure: true to serve"
-                " plain HTTP there anyway"
-            )
-        return self
-
-    @property
-    def loopback(self) -> bool:
-        if self.listen == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.listen).is_loopback
-        except ValueError:
-            return False
-
-
-class Tenant(Model):
-    name: Name
-    # Share of the pool relative to other tenants when requests wait at one priority.
-    weight: Annotated[float, Field(gt=0)] = 1.0
-
-
-class Statsd(Model):
-    """Where to send the metrics as statsd too (besides Prometheus /metrics)."""
-
-    host: str
-    port: int = Field(default=8125, ge=1, le=65535)
-    prefix: str = "freshpool"
 
 
 class Config(Model):
