@@ -22,7 +22,7 @@ import pytest
 
 from freshpool import launcherlock
 from freshpool.config import Config, parse
-from freshpool.core.errors import StaleState, WriteBusy
+from freshpool.core.errors import BadInput, StaleState, WriteBusy
 from freshpool.core.states import BuildState, NodeState, RequestState
 from freshpool.dispatch import direct
 from freshpool.dispatch.scheduler import Outcome, Scheduler
@@ -399,3 +399,44 @@ def test_a_cli_acquire_runs_its_hand_out_again_when_another_process_settled_a_re
     (node,) = direct.acquire(cfg, store, ["small"], timeout=5)
     assert raced and node.state == NodeState.IN_USE
     assert [r.state for r in store.list_requests()] == [RequestState.FULFILLED]
+
+
+# ------------------------------------------------------- tenants' quotas
+
+
+def test_a_tenant_at_its_quota_waits_while_others_are_served(tmp_path: Path, store: Store) -> None:
+    """Tenant a may hold 2 nodes: of its three requests two are served, its third
+    waits without holding back b's, and it is served once a gives a node back."""
+    cfg = config(tmp_path, "tenants: [{name: a, max-nodes: 2}]")
+    make_ready(store, "small", 4)
+
+    async def scenario() -> list[Outcome]:
+        async with scheduling(cfg, store) as scheduler:
+            asks = [NewRequest(("small",), f"a-{i}", tenant="a") for i in range(3)]
+            asks.append(NewRequest(("small",), "b-0", tenant="b"))
+            return list(await asyncio.gather(*(scheduler.submit(x) for x in asks)))
+
+    outcomes = asyncio.run(scenario())
+    states = {row.requestor: row.state for row, _ in outcomes}
+    assert states == {"a-0": "fulfilled", "a-1": "fulfilled", "a-2": "pending", "b-0": "fulfilled"}
+    assert [n.state for n in store.nodes(["ready"])] == ["ready"]
+    (first_nodes,) = [nodes for row, nodes in outcomes if row.requestor == "a-0"]
+    store.release_set(first_nodes[0].id, "job done")
+
+    async def after_release() -> None:
+        async with scheduling(cfg, store) as scheduler:
+            await a_pass(scheduler)
+
+    asyncio.run(after_release())
+    assert Counter(n.tenant for n in store.nodes(["in-use"])) == {"a": 2, "b": 1}
+    assert store.pending_requests() == []
+
+
+def test_a_set_larger_than_the_tenants_quota_is_refused_when_asked(
+    tmp_path: Path, store: Store
+) -> None:
+    cfg = config(tmp_path, "tenants: [{name: a, max-nodes: 2}]")
+    ready_image(store, tmp_path)
+    with pytest.raises(BadInput, match="the tenant may hold at most 2 at once"):
+        direct.acquire(cfg, store, ["small"] * 3, timeout=1, tenant="a")
+    assert store.list_requests() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from freshpool.core.errors import StaleState
 from freshpool.core.placement import Ready, first_fit
 from freshpool.core.states import NodeState, RequestState
 from freshpool.store import NewRequest, Queue, Store
@@ -125,3 +126,71 @@ def test_hand_outs_from_two_stores_at_once_never_share_a_node(store: Store) -> N
         [r.id for r in store.list_requests(limit=1000)]
     ).items():
         assert len(got) <= 1, request_id
+
+
+def quota_planning(quota: int):  # type: ignore[no-untyped-def]
+    """The scheduler's own planning, with tenant `t` allowed `quota` nodes at once."""
+    from freshpool.config import parse
+    from freshpool.core.placement import Clocks
+    from freshpool.dispatch.scheduler import Planning
+
+    planning = Planning(
+        parse(f"""
+providers: [{{name: p, max-nodes: 100}}]
+labels: [{{name: l, image: i, min-ready: 0}}]
+images: [{{name: i}}]
+tenants: [{{name: t, max-nodes: {quota}}}]
+""")
+    )
+    return lambda: planning.planner(Clocks())
+
+
+def test_a_tenants_quota_holds_with_hand_outs_racing_from_two_stores(store: Store) -> None:
+    """Four hand-outs on two engines at once, each asking for tenant t (quota 3) with
+    plenty of ready nodes: three nodes go to t in all, the rest of its requests wait,
+    and another tenant is served beside it."""
+    for _ in range(20):
+        ready_node(store)
+    planner = quota_planning(3)
+    other = Store(store.url)
+    try:
+
+        def serve(s: Store) -> None:
+            for _ in range(4):
+                ask = [NewRequest(("l",), tenant="t"), NewRequest(("l",), tenant="u")]
+                for _attempt in range(20):
+                    try:
+                        s.hand_out(ask, planner(), ["p"])
+                        break
+                    except StaleState:  # another engine claimed first: as the scheduler does
+                        continue
+
+        threads = [threading.Thread(target=serve, args=(s,)) for s in (store, other, store, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        held = Counter(n.tenant for n in store.nodes(["in-use"]))
+        assert held == {"t": 3, "u": 16}
+        waiting = Counter(r.tenant for r in store.pending_requests())
+        assert waiting == {"t": 13}
+        # A node t gives back makes room for exactly one more of its requests.
+        mine = [n for n in store.nodes(["in-use"]) if n.tenant == "t"]
+        store.release_set(mine[0].id, "job done")
+        done = store.hand_out([], planner(), ["p"])
+        assert [r.tenant for r, _ in done.fulfilled.values()] == ["t"]
+        assert Counter(n.tenant for n in store.nodes(["in-use"]))["t"] == 3
+    finally:
+        other.close()
+
+
+def test_waiting_demand_leaves_out_what_a_tenants_quota_cannot_serve_yet(store: Store) -> None:
+    ready_node(store)
+    planner = quota_planning(2)
+    store.hand_out([NewRequest(("l",), tenant="t")], planner(), ["p"])
+    store.hand_out([NewRequest(("l", "l"), tenant="t")] * 2, planner(), ["p"])
+    last = [NewRequest(("l",), tenant="t"), NewRequest(("l",), tenant="u")]
+    store.hand_out(last, planner(), ["p"])
+    assert store.pending_demand() == {"l": 6}
+    # t holds one node, so one more of its nodes can be served: its single request.
+    assert store.pending_demand({"t": 2}) == {"l": 2}

@@ -32,7 +32,7 @@ class Services:
     changes: ChangeFeed = field(init=False)
     # core.nodesets.check against this config, remembered per node set: CI asks for
     # the same few sets over and over, and the config does not change while serving.
-    check_set: Callable[[tuple[str, ...]], list[Problem]] = field(init=False)
+    check_set: Callable[[tuple[str, ...], int | None], list[Problem]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.observed = Published(self.config.state_dir)
@@ -40,7 +40,7 @@ class Services:
         self.changes = ChangeFeed(self.store)
         known = [x.name for x in self.config.labels]
         self.check_set = functools.lru_cache(maxsize=1024)(
-            lambda labels: check(labels, known, self.config.providers)
+            lambda labels, quota: check(labels, known, self.config.providers, quota)
         )
 
     @property

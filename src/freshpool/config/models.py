@@ -414,6 +414,14 @@ class Config(Model):
                         )
         return problems
 
+    @property
+    def tenant_quotas(self) -> dict[str, int]:
+        """The most nodes each tenant with a quota may hold at once."""
+        return {t.name: t.max_nodes for t in self.tenants if t.max_nodes is not None}
+
+    def tenant_quota(self, name: str | None) -> int | None:
+        return self.tenant_quotas.get(name or "")
+
     def label(self, name: str) -> Label:
         for label in self.labels:
             if label.name == name:

@@ -42,9 +42,21 @@ def providers_serving(providers: Iterable[P], labels: Iterable[str]) -> list[P]:
 
 
 def check(
-    labels: Sequence[str], known: Iterable[str], providers: Sequence[Serving]
+    labels: Sequence[str],
+    known: Iterable[str],
+    providers: Sequence[Serving],
+    tenant_quota: int | None = None,
 ) -> list[Problem]:
-    """Everything that would keep a node set from ever being fulfilled, each with its place."""
+    """Everything that would keep a node set from ever being fulfilled, each with its
+    place; `tenant_quota` is the most nodes the asking tenant may hold at once."""
+    if tenant_quota is not None and len(labels) > tenant_quota:
+        return [
+            Problem(
+                ("labels",),
+                f"{len(labels)} nodes asked for; the tenant may hold at most {tenant_quota}"
+                " at once (its max-nodes)",
+            )
+        ]
     names = set(known)
     problems = [
         Problem(

@@ -129,9 +129,15 @@ def place(
     ordered: Sequence[Pending],
     ready: Ready,
     providers_for: Callable[[tuple[str, ...]], Sequence[str]],
+    tenant_room: Mapping[str, int] | None = None,
 ) -> Plan:
     """Placements for requests in serving order: each takes its set from the first
-    provider that has it all, unless an earlier request waits for those labels."""
+    provider that has it all, unless an earlier request waits for those labels.
+
+    A tenant in `tenant_room` gets sets only while they fit in its room (nodes its
+    quota has left); its other requests wait without holding back anyone else's.
+    """
+    room = dict(tenant_room or {})
     free = Counter(ready)
     total: Counter[str] = Counter()
     for (_, label), n in ready.items():
@@ -140,6 +146,9 @@ def place(
     placements: list[Placement] = []
     for request in ordered:
         labels = tuple(request.labels)
+        left = room.get(request.tenant)
+        if left is not None and left < len(labels):
+            continue
         need = needs(labels)
         provider = None
         if all(total[x] - reserved[x] >= n for x, n in need):
@@ -151,5 +160,7 @@ def place(
         for label, n in need:
             free[(provider, label)] -= n
             total[label] -= n
+        if left is not None:
+            room[request.tenant] = left - len(labels)
         placements.append((request.id, provider))
     return Plan(placements, blocked=bool(reserved))

@@ -48,17 +48,23 @@ def acquire(
     who: str | None = None,
     priority: int = 0,
     ssh_keys: Sequence[str] = (),
+    tenant: str = "",
 ) -> list[NodeRow]:
     """Wait up to `timeout` seconds for one ready node per label, all from one provider;
     `ssh_keys` may log in to them (checked here: a bad one is BadInput)."""
-    _check(config, store, labels)
+    _check(config, store, labels, tenant)
     try:
         keys = tuple(check_public_key(k) for k in ssh_keys)
     except ValueError as exc:
         raise BadInput(f"ssh key: {exc}") from None
     deadline = time.time() + timeout
     new = NewRequest(
-        tuple(labels), who or requestor(), priority=priority, deadline=deadline, ssh_keys=keys
+        tuple(labels),
+        who or requestor(),
+        tenant=tenant,
+        priority=priority,
+        deadline=deadline,
+        ssh_keys=keys,
     )
     planning = Planning(config)
     watcher = store.change_watcher()
@@ -105,8 +111,9 @@ def _abandon(store: Store, request_id: int) -> None:
         store.cancel_request(request_id, "the client stopped waiting")
 
 
-def _check(config: Config, store: Store, labels: Sequence[str]) -> None:
-    problems = check(labels, [x.name for x in config.labels], config.providers)
+def _check(config: Config, store: Store, labels: Sequence[str], tenant: str) -> None:
+    known = [x.name for x in config.labels]
+    problems = check(labels, known, config.providers, config.tenant_quota(tenant))
     if problems:
         raise BadInput("; ".join(p.message for p in problems))
     for name in set(labels):

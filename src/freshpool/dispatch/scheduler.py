@@ -64,6 +64,7 @@ class Planning:
 
     def __init__(self, config: Config) -> None:
         self.fair = FairShare({t.name: t.weight for t in config.tenants})
+        self.quotas = config.tenant_quotas
         self.providers = [p.name for p in config.providers]
         self._config = config
         self._joiners = set_joiners(config.providers)
@@ -129,7 +130,11 @@ class Planned:
 
     def __call__(self, queue: Queue) -> list[Placement]:
         ordered = self.planning.order(queue.pending, self.clocks)
-        plan = place(ordered, queue.ready, self.planning.providers_for)
+        quotas = self.planning.quotas
+        capped = {r.tenant for r in queue.pending if r.tenant in quotas}
+        held = queue.held_by(capped) if capped else {}
+        room = {t: quotas[t] - held.get(t, 0) for t in capped}
+        plan = place(ordered, queue.ready, self.planning.providers_for, room)
         self.blocked = plan.blocked
         return plan.placements
 

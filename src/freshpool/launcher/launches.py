@@ -62,7 +62,7 @@ def plan_launches(shared: Shared, failures: LaunchFailures) -> tuple[list[Launch
     """The launches to start now (their calls already taken from the rate limit), and
     the providers whose rate left demand unmet."""
     counts = shared.store.node_counts()
-    demand = shared.store.pending_demand()
+    demand = shared.store.pending_demand(shared.config.tenant_quotas)
     used: Counter[str] = Counter()
     supply: Counter[str] = Counter()
     of_label: Counter[str] = Counter()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from freshpool.core.errors import StaleState
 from freshpool.core.nodesets import needs
 from freshpool.core.placement import Placement, Ready
 from freshpool.core.states import NodeState, RequestState
+from freshpool.store import quotas
 from freshpool.store._fastpath import run
 from freshpool.store.base import StoreBase, cas_statement
 from freshpool.store.nodes import NodeRow
@@ -39,6 +40,9 @@ class Queue:
     pending: list[RequestRow]  # every pending request, oldest first, the new ones included
     ready: Ready
     created: list[int]  # ids of the requests this hand-out queued
+    # Nodes in use or held per tenant asked about, counted (and on PostgreSQL locked)
+    # in this transaction: a planner enforcing tenants' quotas asks only for those.
+    held_by: Callable[[Collection[str]], Counter[str]] = lambda _tenants: Counter()
 
 
 Planner = Callable[[Queue], Sequence[Placement]]
@@ -113,7 +117,12 @@ class HandOutQueries(StoreBase):
             demand: Counter[str] = Counter()
             for request in pending:
                 demand.update(request.labels)
-            queue = Queue(pending, _ready(conn, providers, demand), [r.id for r in created])
+            queue = Queue(
+                pending,
+                _ready(conn, providers, demand),
+                [r.id for r in created],
+                functools.partial(quotas.held_by, conn),
+            )
             by_id = {r.id: r for r in pending}
             placed = [(by_id[rid], provider) for rid, provider in plan(queue) if rid in by_id]
             claims = _pick(conn, placed)

@@ -4,7 +4,7 @@ finishing, cancelling, releasing the set, and the one job a node runs."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Select, and_, exists, func, or_, select, update
@@ -14,6 +14,7 @@ from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState, RequestState
 from freshpool.store.base import StoreBase, compare_and_set
 from freshpool.store.nodes import EVENT, NodeRow, event_params, node_in, transition_in
+from freshpool.store.quotas import held_by
 from freshpool.store.schema import node_events, nodes, requests
 
 # The one event that is not a state change: the job on an in-use node started.
@@ -54,12 +55,27 @@ class RequestQueries(StoreBase):
         with self._read() as conn:
             return [RequestRow(**row._mapping) for row in conn.execute(PENDING)]
 
-    def pending_demand(self) -> Counter[str]:
-        """How many nodes of each label pending requests still wait for."""
-        query = select(requests.c.labels).where(requests.c.state == RequestState.PENDING)
+    def pending_demand(self, tenant_quotas: Mapping[str, int] | None = None) -> Counter[str]:
+        """How many nodes of each label pending requests still wait for; of a tenant in
+        `tenant_quotas`, only the oldest requests that fit in what its quota has left
+        (the others cannot be served yet, so nodes for them would only wait)."""
+        query = (
+            select(requests.c.tenant, requests.c.labels)
+            .where(requests.c.state == RequestState.PENDING)
+            .order_by(requests.c.id)
+        )
+        quotas = tenant_quotas or {}
         demand: Counter[str] = Counter()
         with self._read() as conn:
-            for (labels,) in conn.execute(query):
+            rows = conn.execute(query).all()
+            capped = {tenant for tenant, _ in rows if tenant in quotas}
+            held = held_by(conn, capped, lock=False)
+            room = {t: quotas[t] - held[t] for t in capped}
+            for tenant, labels in rows:
+                if tenant in room:
+                    if room[tenant] < len(labels):
+                        continue
+                    room[tenant] -= len(labels)
                 demand.update(labels)
         return demand
 

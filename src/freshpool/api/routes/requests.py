@@ -149,7 +149,7 @@ async def create_request(svc: Services, who: Caller, body: Asked, wait: float) -
             status.HTTP_403_FORBIDDEN,
             f"this token is tenant {who.tenant!r}; only an admin token may ask for {tenant!r}",
         )
-    problems = svc.check_set(tuple(body.labels))
+    problems = svc.check_set(tuple(body.labels), svc.config.tenant_quota(tenant))
     if problems:
         raise HTTPException(
             422,
