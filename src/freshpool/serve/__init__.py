@@ -117,6 +117,7 @@ def start(config: Config, runner: Runner, port: int | None = None,
             running.stop()
             raise
         running.compat = bridge
+        runner.after_pass.append(bridge.launcher_passed)
     return running
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,10 @@ POLL = 0.005
 RETRY = Backoff(base=0.2, cap=5.0)
 # Between sweeps for znodes of ours that no node stands behind.
 CLEANUP_EVERY = 60.0
+# The longest a thread that wants the interpreter waits for a busy one (Python's
+# default is 5 ms): every ZooKeeper answer crosses from kazoo's thread to the
+# bridge's while the launcher's passes run Python in this process.
+SWITCH_INTERVAL = 0.0005
 
 
 class Bridge:
@@ -52,11 +57,14 @@ class Bridge:
         self._registered: str | None = None
         self.view = View(self.zk, store, self.launcher, self.wake)
         self.desk = Desk(self.zk, store, config, self.launcher, self.wake, poke, self.view.allocate)
+        self.view.between = self._requests_arrived
+        self.desk.vanished = self.view.requests_deleted
         self.passes = 0
 
     def start(self, timeout: float = 30.0) -> None:
         """Connect (raises if the ensemble cannot be reached in `timeout`) and run."""
         self.zk.start(timeout=timeout)
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, name="nodepool-compat", daemon=True)
         self._thread.start()
 
@@ -70,6 +78,11 @@ class Bridge:
 
     def wake(self, *_args: Any) -> None:
         self._wake.set()
+
+    def launcher_passed(self) -> None:
+        """The launcher's after-pass hook: the store now matches the providers, so the
+        desk may hand out (as the scheduler does from the launcher's first pass)."""
+        self.desk.serving.set()
 
     def _on_state(self, state: str) -> None:
         # Called on kazoo's own thread: only flags here.
@@ -120,9 +133,18 @@ class Bridge:
         if self.passes % int(CLEANUP_EVERY / IDLE) == 0:
             self.view.cleanup(set(self.view.shown))
 
+    def _requests_arrived(self) -> None:
+        """Between the view's steps: take and answer requests that came meanwhile."""
+        if self.desk.arrived.is_set() and not self._lost.is_set():
+            self.desk.take_new()
+            self.desk.flush()
+
     def _register(self) -> None:
         if self._registered is not None:
             return
+        # Every parent the pass writes under, so its pipelined calls never need makepath.
+        for path in (wire.REQUESTS, wire.REQUEST_LOCKS, wire.NODES):
+            self.zk.ensure_path(path)
         data = {
             "kind": "pool",
             "id": self.launcher,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,12 @@ from kazoo.exceptions import BadVersionError, NoNodeError
 from freshpool.config import Config
 from freshpool.core.errors import Refused
 from freshpool.core.nodesets import check
+from freshpool.core.placement import Clocks, Placement
 from freshpool.core.states import RequestState
+from freshpool.dispatch.scheduler import Planning
 from freshpool.integrations.nodepool import wire
 from freshpool.integrations.nodepool.zkclient import try_locks, unlock
-from freshpool.store import NewRequest, NodeRow, RequestRow, Store, queue_only
+from freshpool.store import HandOut, NewRequest, NodeRow, Queue, RequestRow, Store, queue_only
 
 log = logging.getLogger("freshpool.integrations.nodepool")
 TAG = "nodepool"
@@ -66,26 +69,43 @@ class Desk:
         self.zk, self.store, self.config, self.launcher = zk, store, config, launcher
         self.wake, self.poke, self.allocate = wake, poke, allocate
         self.held: dict[str, Held] = {}
+        # The request znodes at the last look, and who hears of those deleted since.
+        self.present: set[str] = set()
+        self.vanished: Callable[[set[str]], None] = lambda _names: None
+        # Set by the watch on the requests' folder, cleared when it is read again.
+        self.arrived = threading.Event()
         # Znodes looked at and not ours to take now (settled, or another's lock).
         self.passed: set[str] = set()
         # After a start or a lost session every candidate is looked up in the store.
         self.resync = True
         self.writes: list[Any] = []
+        self.versions: list[tuple[Held, Any]] = []
+        self.planning = Planning(config)
+        # Set once the launcher has passed: from then on the desk hands out itself.
+        self.serving = threading.Event()
 
     def forget(self) -> None:
         """The session is gone, and with it our locks: start over from the store."""
         self.held.clear()
         self.passed.clear()
         self.writes.clear()
+        self.versions.clear()
         self.resync = True
 
+    def requests_changed(self, *_args: Any) -> None:
+        self.arrived.set()
+        self.wake()
+
     def take_new(self) -> None:
+        self.arrived.clear()
         try:
-            children = self.zk.get_children(wire.REQUESTS, watch=self.wake)
+            children = self.zk.get_children(wire.REQUESTS, watch=self.requests_changed)
         except NoNodeError:
             self.zk.ensure_path(wire.REQUESTS)
-            children = self.zk.get_children(wire.REQUESTS, watch=self.wake)
+            children = self.zk.get_children(wire.REQUESTS, watch=self.requests_changed)
         present = set(children)
+        self.vanished(self.present - present)
+        self.present = present
         for name in [n for n in self.held if n not in present]:
             self._vanished(self.held.pop(name))
         self.passed &= present
@@ -94,27 +114,28 @@ class Desk:
             self._take(new)
 
     def _take(self, names: list[str]) -> None:
+        """Read the new znodes and try their locks in one round trip (the reads are
+        answered before the locks' calls, which are sent after them)."""
         reads = [(n, self.zk.get_async(f"{wire.REQUESTS}/{n}")) for n in names]
-        candidates = []
+        locks = try_locks(self.zk, [f"{wire.REQUEST_LOCKS}/{n}" for n in names])
+        taken: list[tuple[Held, str]] = []
         for name, read in reads:
+            lock = locks[f"{wire.REQUEST_LOCKS}/{name}"]
             try:
                 raw, stat = read.get()
             except NoNodeError:
-                continue
+                raw, stat = None, None  # deleted meanwhile
             try:
-                state = wire.decode(raw).get("state")
+                state = wire.decode(raw).get("state") if raw is not None else None
             except wire.BadRequest:
                 state = wire.REQUESTED  # ours to fail, with the reason
-            if state in (wire.REQUESTED, wire.PENDING):
-                candidates.append((name, raw, stat))
-            else:
+            if raw is not None and state not in (wire.REQUESTED, wire.PENDING):
                 self.passed.add(name)
-        locks = try_locks(self.zk, [f"{wire.REQUEST_LOCKS}/{n}" for n, _, _ in candidates])
-        taken: list[tuple[Held, str]] = []
-        for name, raw, stat in candidates:
-            lock = locks[f"{wire.REQUEST_LOCKS}/{name}"]
             if lock is None:
                 continue  # another launcher's, or one that died: looked at again later
+            if raw is None or stat is None or state not in (wire.REQUESTED, wire.PENDING):
+                self.writes.append(self.zk.delete_async(lock))
+                continue
             got = self._parse(name, raw, stat.version, lock)
             if got is not None:
                 taken.append((got, tag_of(name, stat.czxid)))
@@ -138,37 +159,51 @@ class Desk:
         return Held(request, lock, version)
 
     def _queue(self, taken: list[tuple[Held, str]]) -> None:
-        """Find the freshpool requests already made for these (a restart), make the rest
-        in one hand-out, and mark their znodes pending."""
+        """Find the freshpool requests already made for these (a restart); queue the
+        rest and hand them ready nodes in one hand-out, answering those served at
+        once; mark the others pending."""
         names = [tag for held, tag in taken if self.resync or held.request.data.get("state")
                  == wire.PENDING]  # fmt: skip
         known = {r.requestor: r.id for r in self.store.requests_by_requestor(names, [
             RequestState.PENDING, RequestState.FULFILLED, RequestState.FAILED,
             RequestState.CANCELLED])}  # fmt: skip
         fresh = [(held, tag) for held, tag in taken if tag not in known]
-        asks = [NewRequest(h.request.labels, tag, h.request.tenant, h.request.priority)
-                for h, tag in fresh]  # fmt: skip
-        made = self.store.hand_out(asks, queue_only, []).created if asks else []
-        for (held, _tag), row in zip(fresh, made, strict=True):
+        done = self._hand_out([NewRequest(h.request.labels, tag, h.request.tenant,
+                                          h.request.priority) for h, tag in fresh])  # fmt: skip
+        for (held, _tag), row in zip(fresh, done.created, strict=True):
             held.freshpool_id = row.id
+        waiting = []
         for held, tag in taken:
             held.freshpool_id = held.freshpool_id or known[tag]
-            self.held[held.request.id] = held
-        if made:
-            self.poke()
-        self._mark_pending([h for h, _ in taken])
+            got = done.fulfilled.get(held.freshpool_id)
+            if got is not None:
+                self._fulfil(held, *got)
+            else:
+                self.held[held.request.id] = held
+                waiting.append(held)
+        if any(row.state == RequestState.PENDING for row in done.created):
+            self.poke()  # the scheduler serves them, and wakes the launcher for them
+        self._mark_pending(waiting)
+
+    def _hand_out(self, asks: list[NewRequest]) -> HandOut:
+        """Queue `asks`; once the launcher has passed (the store matches the providers),
+        hand ready nodes to those the scheduler would serve now in any case."""
+        if not asks:
+            return HandOut([], {}, set())
+        if not self.serving.is_set():
+            return self.store.hand_out(asks, queue_only, [])
+        done = self.store.hand_out(asks, Uncontended(self.planning), self.planning.providers)
+        if self.planning.to_hand_over(done):
+            done = self.planning.hand_over(self.store, done)
+        return done
 
     def _mark_pending(self, taken: Sequence[Held]) -> None:
-        writes = []
+        """Sent now, read in `flush`: a later answer goes after it on the session."""
         for held in taken:
             data = wire.answered(held.request.data, wire.PENDING)
             path = f"{wire.REQUESTS}/{held.request.id}"
-            writes.append((held, self.zk.set_async(path, wire.encode(data), held.version)))
-        for held, write in writes:
-            try:
-                held.version = write.get().version
-            except (NoNodeError, BadVersionError):
-                held.version = -1  # deleted or rewritten by the client: settled below
+            write = self.zk.set_async(path, wire.encode(data), held.version)
+            self.versions.append((held, write))
 
     def answer(self) -> None:
         """Answer every held znode whose freshpool request the store has settled."""
@@ -224,6 +259,12 @@ class Desk:
         for write in writes:
             with contextlib.suppress(NoNodeError):
                 write.get()
+        versions, self.versions = self.versions, []
+        for held, write in versions:
+            try:
+                held.version = write.get().version
+            except (NoNodeError, BadVersionError):
+                held.version = -1  # deleted or rewritten by the client: settled below
 
     def _vanished(self, held: Held) -> None:
         """The client deleted a request we still serve: cancel it (nodes handed to it
@@ -232,6 +273,31 @@ class Desk:
         # Settled meanwhile (failed, say): nothing to cancel.
         with contextlib.suppress(Refused):
             self.store.cancel_request(held.freshpool_id, "the Nodepool request was deleted")
+
+
+@dataclass(frozen=True)
+class Uncontended:
+    """The scheduler's placements, kept for our requests whose order no fair-share
+    clock can change: no request of another tenant at the same priority waits for
+    any of their labels. Those the scheduler would serve in the same way now; the
+    rest, and every request of other front doors, are left to it."""
+
+    planning: Planning
+
+    def __call__(self, queue: Queue) -> list[Placement]:
+        placed = dict(self.planning.planner(Clocks())(queue))
+        waiting = [r for r in queue.pending if r.id not in placed]
+        return [
+            (r.id, placed[r.id])
+            for r in queue.pending
+            if r.id in placed and znode_of(r.requestor) is not None
+            and not any(_contends(r, w) for w in waiting)
+        ]  # fmt: skip
+
+
+def _contends(ours: RequestRow, other: RequestRow) -> bool:
+    return (other.priority == ours.priority and other.tenant != ours.tenant
+            and not set(other.labels).isdisjoint(ours.labels))  # fmt: skip
 
 
 def _in_label_order(labels: Sequence[str], nodes: Sequence[NodeRow]) -> list[NodeRow]:

@@ -15,19 +15,20 @@ holds its lock; a znode that names us as launcher with no node behind it goes to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import NodeExistsError, NoNodeError, NotEmptyError
 
 from freshpool.core.errors import NotFound, Refused
 from freshpool.core.states import NodeState
 from freshpool.integrations.nodepool import wire
 from freshpool.integrations.nodepool.desk import znode_of
-from freshpool.integrations.nodepool.zkclient import delete_tree, locked
+from freshpool.integrations.nodepool.zkclient import delete_tree
 from freshpool.store import NodeRow, Store
 
 log = logging.getLogger("freshpool.integrations.nodepool")
@@ -53,6 +54,9 @@ class View:
         self.resync = True
         self._watches: dict[int, Callable[[Any], None]] = {}
         self.writes: list[Any] = []
+        # Called between the steps of a sync: the bridge takes new requests there, so
+        # they wait for no more than one step.
+        self.between: Callable[[], None] = lambda: None
 
     def forget(self) -> None:
         self.writes.clear()
@@ -73,6 +77,13 @@ class View:
         self.shown[node.id] = Shown(allocated_to=request)
         self.dirty.add(node.id)
 
+    def requests_deleted(self, names: set[str]) -> None:
+        """Look again at the nodes handed to these requests: one the client never
+        locked is released now that its request is gone."""
+        for node_id, shown in self.shown.items():
+            if shown.allocated_to in names:
+                self.dirty.add(node_id)
+
     def sync(self) -> None:
         """Bring the znodes in line with the store, then follow what clients changed."""
         rows = {n.id: n for n in self.store.nodes([str(s) for s in SHOWN])}
@@ -92,15 +103,18 @@ class View:
             self.shown[node.id] = Shown(allocated_to=None)
             self.dirty.add(node.id)
         self._settle_writes()
-        follow = []
+        self.between()
+        follow, gone = [], []
         for node_id, shown in list(self.shown.items()):
             row = rows.get(node_id)
             if row is None or (row.state != NodeState.READY and shown.allocated_to is None):
                 # Gone, or handed to a client of freshpool's own: not Zuul's to see.
-                self._remove(node_id, shown)
+                gone.append(node_id)
             elif node_id in self.dirty:
                 self.dirty.discard(node_id)
                 follow.append((row, shown))
+        self._remove_all(gone)
+        self.between()
         self._follow_all(follow)
         self.resync = False
 
@@ -129,11 +143,12 @@ class View:
             try:
                 is_locked = bool(lock.get())
             except NoNodeError:
-                self.zk.exists(
-                    f"{wire.NODES}/{wire.node_id(row.id)}/lock", watch=self._watch(row.id)
-                )
+                # Only for the watch on its creation: not waited for.
+                self.zk.exists_async(f"{wire.NODES}/{wire.node_id(row.id)}/lock",
+                                     watch=self._watch(row.id))  # fmt: skip
                 is_locked = False
             self._follow(row, shown, _json(raw).get("state", ""), is_locked)
+            self.between()
 
     def _adopt(self, rows: dict[int, NodeRow]) -> None:
         """After a start or a lost session: which nodes are handed to Zuul's requests."""
@@ -173,13 +188,34 @@ class View:
         except NodeExistsError:
             self.zk.set(path, wire.encode(data))
 
-    def _remove(self, node_id: int, shown: Shown) -> None:
-        path = f"{wire.NODES}/{wire.node_id(node_id)}"
-        if shown.allocated_to is not None and locked(self.zk, f"{path}/lock", self._watch(node_id)):
-            return  # the client still holds it (returning a set node by node): after unlock
-        delete_tree(self.zk, path)
-        del self.shown[node_id]
-        self._watches.pop(node_id, None)
+    def _remove_all(self, node_ids: list[int]) -> None:
+        """Remove these nodes' znodes, but not while a client holds a lock of one
+        (returning a set node by node): that one goes after it unlocks. Two round
+        trips for any number: the locks' listings, then the deletes."""
+        paths = {i: f"{wire.NODES}/{wire.node_id(i)}" for i in node_ids}
+        listings = [(i, self.zk.get_children_async(f"{paths[i]}/lock", watch=self._watch(i)))
+                    for i in node_ids if self.shown[i].allocated_to is not None]  # fmt: skip
+        held = set()
+        for node_id, listing in listings:
+            with contextlib.suppress(NoNodeError):  # no lock folder: nobody holds it
+                if listing.get():
+                    held.add(node_id)
+        deletes = []
+        for node_id in node_ids:
+            if node_id in held:
+                continue
+            deletes.append((node_id, self.zk.delete_async(f"{paths[node_id]}/lock"),
+                            self.zk.delete_async(paths[node_id])))  # fmt: skip
+            del self.shown[node_id]
+            self._watches.pop(node_id, None)
+        for node_id, *calls in deletes:
+            try:
+                for call in calls:
+                    with contextlib.suppress(NoNodeError):
+                        call.get()
+            except NotEmptyError:
+                # A client's lock arrived between the listing and the delete.
+                delete_tree(self.zk, paths[node_id])
 
     def _follow(self, node: NodeRow, shown: Shown, state: str, is_locked: bool) -> None:
         shown.was_locked = shown.was_locked or is_locked

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoNodeError, NotEmptyError
+from kazoo.exceptions import NodeExistsError, NoNodeError, NotEmptyError
 
 from freshpool.config.nodepool import NodepoolCompat
 
@@ -36,24 +36,27 @@ _CONTENDER = re.compile(r"__r?lock__(\d+)$")
 
 def try_locks(zk: KazooClient, paths: Sequence[str]) -> dict[str, str | None]:
     """Take the kazoo-recipe lock at each of `paths` if nobody holds it, never waiting:
-    path -> our contender znode (to release), or None. Each phase is sent for every
-    path before any answer is read, so many locks cost two round trips, not 2 x n."""
-    creates = [
-        (p, zk.create_async(f"{p}/{uuid.uuid4().hex}__lock__", b"", ephemeral=True,
-                            sequence=True, makepath=True))
-        for p in paths
-    ]  # fmt: skip
-    ours = {p: str(c.get()) for p, c in creates}
-    listings = [(p, zk.get_children_async(p)) for p in paths]
+    path -> our contender znode (to release), or None. The parent of the paths must
+    exist. Every call is sent before any answer is read, and ZooKeeper answers one
+    session's calls in order, so the lock's folder, our contender and the listing of
+    contenders made after it cost one round trip for any number of locks."""
+    sent = []
+    for path in paths:
+        folder = zk.create_async(path)  # there already if anyone locked it before
+        mine = zk.create_async(f"{path}/{uuid.uuid4().hex}__lock__", b"", ephemeral=True,
+                               sequence=True)  # fmt: skip
+        sent.append((path, folder, mine, zk.get_children_async(path)))
     taken: dict[str, str | None] = {}
-    for path, listing in listings:
-        mine = _sequence(ours[path].rsplit("/", 1)[1])
+    for path, folder, mine, listing in sent:
+        with contextlib.suppress(NodeExistsError):
+            folder.get()
+        ours = str(mine.get())
+        seq = _sequence(ours.rsplit("/", 1)[1])
         others = [_sequence(c) for c in listing.get()]
-        first = all(seq is None or mine is None or seq >= mine for seq in others)
-        taken[path] = ours[path] if first else None
-    for path, held in taken.items():
-        if held is None:
-            unlock(zk, ours[path])
+        first = all(other is None or seq is None or other >= seq for other in others)
+        taken[path] = ours if first else None
+        if not first:
+            zk.delete_async(ours)  # read by nobody: a lost session drops it anyway
     return taken
 
 
@@ -66,16 +69,6 @@ def unlock(zk: KazooClient, contender: str) -> None:
     # A lost session already dropped the ephemeral znode.
     with contextlib.suppress(NoNodeError):
         zk.delete(contender)
-
-
-def locked(zk: KazooClient, path: str, watch: Callable[[Any], None] | None = None) -> bool:
-    """Whether anyone holds the lock at `path` (a contender's znode under it)."""
-    try:
-        return bool(zk.get_children(path, watch=watch))
-    except NoNodeError:
-        if watch is not None:
-            zk.exists(path, watch=watch)
-        return False
 
 
 def delete_tree(zk: KazooClient, path: str) -> None:
