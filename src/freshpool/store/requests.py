@@ -156,6 +156,13 @@ class RequestQueries(StoreBase):
                 raise StaleState(f"request {request_id} is no longer pending")
             return _request(conn, request_id)
 
+    def reprioritise(self, request_id: int, priority: int) -> bool:
+        """A pending request's priority changes (and its place in the queue with it);
+        False if it is no longer pending."""
+        with self._write() as conn:
+            return compare_and_set(conn, requests, request_id, RequestState.PENDING,
+                                   {"priority": priority})  # fmt: skip
+
     def cancel_request(self, request_id: int, reason: str) -> tuple[RequestRow, list[NodeRow]]:
         """Cancel a request; nodes already handed to it go straight to deleting, in one go.
 

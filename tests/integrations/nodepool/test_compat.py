@@ -158,3 +158,32 @@ def test_zookeeper_restart_mid_run(
     in_use = pool.store.nodes(["in-use"])
     assert len({n.id for n in in_use}) == len(in_use)
     assert pool.store.node(int(first_nodes[0])).state == NodeState.IN_USE
+
+
+def test_a_waiting_request_follows_its_relative_priority(
+    compat_pool: Start, zuul_for: Zuul
+) -> None:
+    pool = compat_pool(min_ready=1, max_nodes=1)
+    pool.wait_ready(1)
+    client = zuul_for(pool)
+    first = client.submit(["debian"])
+    taken = client.wait(first)["nodes"]
+    client.accept(first, taken)
+    # The pool is full: these two wait, the older one ahead.
+    older = client.submit(["debian"], relative=5)
+    newer = client.submit(["debian"], relative=5)
+
+    def waiting() -> dict[str, int]:
+        rows = pool.store.pending_requests()
+        return {r.requestor.split(" ")[1]: r.priority for r in rows if r.requestor}
+
+    wait_for(lambda: set(waiting()) == {older, newer}, 30, "both queued")
+    # Zuul revises only a request nobody holds the lock of: we must have let go.
+    assert wait_for(lambda: client.revise(newer, 0), 30, "the revise to get the lock")
+    wait_for(lambda: waiting().get(newer) == 0, 30, "the new priority in the queue")
+    assert waiting()[older] == -5
+    client.give_back(taken)  # the pool has room again: one node, for `newer`
+    assert client.wait(newer, timeout=60)["state"] == "fulfilled"
+    answer = client.request(older)
+    assert answer is not None and answer["state"] == "requested"
+    assert older in waiting()

@@ -9,6 +9,8 @@ What is emulated, step by step as Zuul does it:
            then delete the request
   use:     read the node, set state in-use, write every key back (Node.toDict())
   return:  set state used, write back, unlock
+  revise:  `reviseRequest`: only if the request's lock is free, take it, rewrite
+           relative_priority (versioned), unlock
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class ZuulSide:
                               makepath=True, sequence=True)  # fmt: skip
         return str(path.rsplit("/", 1)[1])
 
+    def submit_async(self, labels: list[str], precedence: int = 200, **kwargs: Any) -> Any:
+        """As `submit`, not waiting: the create's async result (its path)."""
+        return self.zk.create_async(f"{REQUESTS}/{precedence:0>3}-",
+                                    json.dumps(request_dict(labels, **kwargs)).encode(),
+                                    sequence=True)  # fmt: skip
+
     def submit_raw(self, raw: bytes, precedence: int = 200) -> str:
         path = self.zk.create(f"{REQUESTS}/{precedence:0>3}-", raw, makepath=True, sequence=True)
         return str(path.rsplit("/", 1)[1])
@@ -77,6 +85,19 @@ class ZuulSide:
                 return data
             time.sleep(0.01)
         raise AssertionError(f"request {request_id} not settled: {self.request(request_id)}")
+
+    def revise(self, request_id: str, relative: int) -> bool:
+        """Zuul's reviseRequest: False (nothing written) if someone holds the lock."""
+        lock = Lock(self.zk, f"/nodepool/requests-lock/{request_id}")
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            raw, stat = self.zk.get(f"{REQUESTS}/{request_id}")
+            data = {**json.loads(raw), "relative_priority": relative}
+            self.zk.set(f"{REQUESTS}/{request_id}", json.dumps(data).encode(), stat.version)
+            return True
+        finally:
+            lock.release()
 
     def accept(self, request_id: str, nodes: list[str]) -> None:
         for node in nodes:

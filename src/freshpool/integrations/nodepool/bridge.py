@@ -127,6 +127,7 @@ class Bridge:
             return
         self._register()
         self.desk.take_new()
+        self.desk.follow_revisions()
         self.desk.answer()
         self.view.sync()
         self.passes += 1

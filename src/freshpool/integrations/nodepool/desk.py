@@ -6,6 +6,15 @@ The store is the truth. A freshpool request is named after the znode it answers
 the ensemble's data is wiped), so after a restart or a lost session the desk finds
 its requests again instead of queueing a second one: a znode is fulfilled from one
 freshpool request only.
+
+A request served at once is answered under the lock taken to read it. One that
+waits is let go and stays `requested` while it waits, as at a Nodepool launcher
+at quota: Zuul rewrites a request only when it gets its lock (its
+`reviseRequest`, for a new `relative_priority`), and Nodepool's cleanup resets a
+`pending` request nobody holds. A data watch follows the client's rewrites into
+the freshpool request's priority; the lock is taken again to answer, and if
+another launcher took the znode meanwhile the freshpool request is cancelled
+(nodes handed to it are deleted, never handed again).
 """
 
 from __future__ import annotations
@@ -14,11 +23,11 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, NoNodeError
+from kazoo.exceptions import NoNodeError
 
 from freshpool.config import Config
 from freshpool.core.errors import Refused
@@ -37,11 +46,10 @@ SETTLED = (RequestState.FULFILLED, RequestState.FAILED, RequestState.CANCELLED)
 
 @dataclass
 class Held:
-    """A request znode we hold the lock of, and the freshpool request that serves it."""
+    """A request znode we serve, and the freshpool request that serves it."""
 
     request: wire.ZkRequest
-    lock: str  # our contender znode
-    version: int
+    lock: str  # our contender znode while we hold its lock, else ""
     freshpool_id: int = 0
 
 
@@ -79,7 +87,8 @@ class Desk:
         # After a start or a lost session every candidate is looked up in the store.
         self.resync = True
         self.writes: list[Any] = []
-        self.versions: list[tuple[Held, Any]] = []
+        # Waiting requests whose znode the client rewrote since we last read it.
+        self.revised: set[str] = set()
         self.planning = Planning(config)
         # Set once the launcher has passed: from then on the desk hands out itself.
         self.serving = threading.Event()
@@ -89,7 +98,7 @@ class Desk:
         self.held.clear()
         self.passed.clear()
         self.writes.clear()
-        self.versions.clear()
+        self.revised.clear()
         self.resync = True
 
     def requests_changed(self, *_args: Any) -> None:
@@ -136,13 +145,13 @@ class Desk:
             if raw is None or stat is None or state not in (wire.REQUESTED, wire.PENDING):
                 self.writes.append(self.zk.delete_async(lock))
                 continue
-            got = self._parse(name, raw, stat.version, lock)
+            got = self._parse(name, raw, lock)
             if got is not None:
                 taken.append((got, tag_of(name, stat.czxid)))
         if taken:
             self._queue(taken)
 
-    def _parse(self, name: str, raw: bytes, version: int, lock: str) -> Held | None:
+    def _parse(self, name: str, raw: bytes, lock: str) -> Held | None:
         try:
             request = wire.parse_request(name, wire.decode(raw))
             problems = check(request.labels, [x.name for x in self.config.labels],
@@ -156,7 +165,7 @@ class Desk:
                 data = {}
             self._fail(name, data, lock, str(exc))
             return None
-        return Held(request, lock, version)
+        return Held(request, lock)
 
     def _queue(self, taken: list[tuple[Held, str]]) -> None:
         """Find the freshpool requests already made for these (a restart); queue the
@@ -172,18 +181,15 @@ class Desk:
                                           h.request.priority) for h, tag in fresh])  # fmt: skip
         for (held, _tag), row in zip(fresh, done.created, strict=True):
             held.freshpool_id = row.id
-        waiting = []
         for held, tag in taken:
             held.freshpool_id = held.freshpool_id or known[tag]
             got = done.fulfilled.get(held.freshpool_id)
             if got is not None:
                 self._fulfil(held, *got)
             else:
-                self.held[held.request.id] = held
-                waiting.append(held)
+                self._let_wait(held)
         if any(row.state == RequestState.PENDING for row in done.created):
             self.poke()  # the scheduler serves them, and wakes the launcher for them
-        self._mark_pending(waiting)
 
     def _hand_out(self, asks: list[NewRequest]) -> HandOut:
         """Queue `asks`; once the launcher has passed (the store matches the providers),
@@ -197,34 +203,87 @@ class Desk:
             done = self.planning.hand_over(self.store, done)
         return done
 
-    def _mark_pending(self, taken: Sequence[Held]) -> None:
-        """Sent now, read in `flush`: a later answer goes after it on the session."""
-        for held in taken:
-            data = wire.answered(held.request.data, wire.PENDING)
-            path = f"{wire.REQUESTS}/{held.request.id}"
-            write = self.zk.set_async(path, wire.encode(data), held.version)
-            self.versions.append((held, write))
+    def _let_wait(self, held: Held) -> None:
+        """Release the lock of a request that waits, and watch its znode."""
+        self.writes.append(self.zk.delete_async(held.lock))
+        held.lock = ""
+        self.held[held.request.id] = held
+        self.zk.get_async(f"{wire.REQUESTS}/{held.request.id}", watch=self.rewritten)
+
+    def rewritten(self, event: Any) -> None:
+        """The watch on a waiting request's znode (kazoo's thread: only flags here)."""
+        self.revised.add(str(event.path).rsplit("/", 1)[1])
+        self.wake()
+
+    def follow_revisions(self) -> None:
+        """Carry the client's rewrites of waiting requests into their priority."""
+        names = [n for n in self.revised if n in self.held]
+        self.revised.clear()
+        reads = [(n, self.zk.get_async(f"{wire.REQUESTS}/{n}", watch=self.rewritten))
+                 for n in names]  # fmt: skip
+        for name, read in reads:
+            held = self.held[name]
+            try:
+                data = wire.decode(read.get()[0])
+                request = wire.parse_request(name, data)
+            except (NoNodeError, wire.BadRequest):
+                continue  # deleted (take_new cancels it) or unreadable: as it was
+            if data.get("state") not in (wire.REQUESTED, wire.PENDING):
+                continue  # another launcher's now: found when we lock to answer
+            moved = request.priority != held.request.priority
+            if moved and self.store.reprioritise(held.freshpool_id, request.priority):
+                log.info("request %s: priority %d -> %d", name, held.request.priority,
+                         request.priority)  # fmt: skip
+            held.request = request
 
     def answer(self) -> None:
-        """Answer every held znode whose freshpool request the store has settled."""
-        if not self.held:
-            self.flush()
-            return
+        """Answer every waiting znode whose freshpool request the store has settled."""
+        if self.held:
+            self._answer_settled()
+        self.resync = False
+        self.flush()
+
+    def _answer_settled(self) -> None:
         by_id = {h.freshpool_id: h for h in self.held.values()}
         rows = self.store.requests_in(list(by_id))
         done = [rows[i] for i in by_id if i in rows and rows[i].state in SETTLED]
+        if not done:
+            return
+        # Locked again to answer, and read again under it: the client's last word.
+        names = [by_id[r.id].request.id for r in done]
+        reads = [self.zk.get_async(f"{wire.REQUESTS}/{n}") for n in names]
+        locks = try_locks(self.zk, [f"{wire.REQUEST_LOCKS}/{n}" for n in names])
         fulfilled = [r.id for r in done if r.state == RequestState.FULFILLED]
         nodes = self.store.request_nodes(fulfilled) if fulfilled else {}
-        for row in done:
+        for row, name, read in zip(done, names, reads, strict=True):
             held = by_id[row.id]
-            del self.held[held.request.id]
+            lock = locks[f"{wire.REQUEST_LOCKS}/{name}"]
+            if lock is None:
+                continue  # the client revising it, or another launcher's: next pass
+            state, data = _read(read)
+            if state is None:
+                self.writes.append(self.zk.delete_async(lock))  # deleted: take_new cancels
+                continue
+            held.lock = lock
+            del self.held[name]
+            if state not in (wire.REQUESTED, wire.PENDING):
+                self._lost_to_another(held, state)
+                continue
+            held.request = replace(held.request, data=data or held.request.data)
             if row.state == RequestState.FULFILLED and len(nodes[row.id]) == len(row.labels):
                 self._fulfil(held, row, nodes[row.id])
             else:
                 reason = row.reason or f"the request was {row.state}"
                 self._fail(held.request.id, held.request.data, held.lock, reason)
-        self.resync = False
-        self.flush()
+
+    def _lost_to_another(self, held: Held, state: str) -> None:
+        """Another launcher answered the znode while it waited with us: ours goes."""
+        self.writes.append(self.zk.delete_async(held.lock))
+        self.passed.add(held.request.id)
+        log.warning("request %s is %s by another launcher: cancelling ours", held.request.id,
+                    state)  # fmt: skip
+        with contextlib.suppress(Refused):
+            self.store.cancel_request(held.freshpool_id, "served by another Nodepool launcher")
 
     def _fulfil(self, held: Held, row: RequestRow, nodes: list[NodeRow]) -> None:
         ordered = _in_label_order(row.labels, nodes)
@@ -235,6 +294,7 @@ class Desk:
             declined_by=held.request.data.get("declined_by") or [],
         )  # fmt: skip
         self._write_answer(held.request.id, data, held.lock)
+        self.passed.add(held.request.id)
         log.info("request %s fulfilled with nodes %s", held.request.id, [n.id for n in ordered])
 
     def _fail(self, name: str, data: dict[str, Any], lock: str, reason: str) -> None:
@@ -259,17 +319,12 @@ class Desk:
         for write in writes:
             with contextlib.suppress(NoNodeError):
                 write.get()
-        versions, self.versions = self.versions, []
-        for held, write in versions:
-            try:
-                held.version = write.get().version
-            except (NoNodeError, BadVersionError):
-                held.version = -1  # deleted or rewritten by the client: settled below
 
     def _vanished(self, held: Held) -> None:
         """The client deleted a request we still serve: cancel it (nodes handed to it
         meanwhile go to deletion, never back to ready)."""
-        unlock(self.zk, held.lock)
+        if held.lock:
+            unlock(self.zk, held.lock)
         # Settled meanwhile (failed, say): nothing to cancel.
         with contextlib.suppress(Refused):
             self.store.cancel_request(held.freshpool_id, "the Nodepool request was deleted")
@@ -298,6 +353,20 @@ class Uncontended:
 def _contends(ours: RequestRow, other: RequestRow) -> bool:
     return (other.priority == ours.priority and other.tenant != ours.tenant
             and not set(other.labels).isdisjoint(ours.labels))  # fmt: skip
+
+
+def _read(read: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """A request znode's state and content from an async read; (None, None) if it is
+    gone, (requested, None) if it no longer parses (kept as we read it before)."""
+    try:
+        raw = read.get()[0]
+    except NoNodeError:
+        return None, None
+    try:
+        data = wire.decode(raw)
+    except wire.BadRequest:
+        return wire.REQUESTED, None
+    return str(data.get("state")), data
 
 
 def _in_label_order(labels: Sequence[str], nodes: Sequence[NodeRow]) -> list[NodeRow]:
