@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kazoo.client import KazooClient
@@ -34,10 +35,10 @@ def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeper]:
     server.stop()
 
 
-def kazoo_client(zk: ZooKeeper, chroot: str = "") -> KazooClient:
+def kazoo_client(zk: ZooKeeper, chroot: str = "", **options: Any) -> KazooClient:
     client = KazooClient(
         hosts=zk.hosts + chroot, use_ssl=True, ca=str(zk.tls.ca),
-        certfile=str(zk.tls.cert), keyfile=str(zk.tls.key), timeout=10.0,
+        certfile=str(zk.tls.cert), keyfile=str(zk.tls.key), timeout=10.0, **options,
     )  # fmt: skip
     client.start(timeout=30)
     return client

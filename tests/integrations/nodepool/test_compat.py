@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import pytest
+from kazoo.client import KazooClient
+
 from freshpool.core.states import NodeState
+from freshpool.integrations.nodepool import bridge
 from tests.api.conftest import wait_for
-from tests.integrations.nodepool.conftest import CompatPool
+from tests.integrations.nodepool.conftest import CompatPool, kazoo_client
 from tests.integrations.nodepool.zookeeper import ZooKeeper
 from tests.integrations.nodepool.zuulside import NODES, ZuulSide
 
@@ -187,3 +191,90 @@ def test_a_waiting_request_follows_its_relative_priority(
     answer = client.request(older)
     assert answer is not None and answer["state"] == "requested"
     assert older in waiting()
+
+
+def test_a_held_node_later_used_is_released_and_its_znodes_go(
+    compat_pool: Start, zuul_for: Zuul
+) -> None:
+    pool = compat_pool(min_ready=1)
+    pool.wait_ready(1)
+    client = zuul_for(pool)
+    request = client.submit(["debian"])
+    (node,) = client.wait(request)["nodes"]
+    client.accept(request, [node])
+    client.set_state(node, "hold")  # `zuul autohold`: kept, still locked
+    wait_for(lambda: pool.store.node(int(node)).state == NodeState.HOLD, 30, "held")
+    client.give_back([node])  # the hold is released: used, unlocked
+    wait_for(lambda: int(node) not in node_ids_by_state(pool, "hold"), 30, "released")
+    assert int(node) not in node_ids_by_state(pool, "ready")  # never handed again
+    wait_for(lambda: not client.zk.exists(f"{NODES}/{node}"), 30, "its znode and lock removed")
+
+
+def orphan(client: ZuulSide, node_id: int, launcher: str) -> str:
+    name = f"{node_id:010d}"
+    data = {"state": "ready", "launcher": launcher, "type": ["debian"], "allocated_to": None}
+    client.zk.create(f"{NODES}/{name}", json.dumps(data).encode(), makepath=True)
+    client.zk.create(f"{NODES}/{name}/lock", makepath=True)
+    return name
+
+
+def test_the_sweep_removes_our_znodes_with_no_node_only(
+    compat_pool: Start, zuul_for: Zuul, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge, "CLEANUP_EVERY", bridge.IDLE)  # a sweep every pass
+    pool = compat_pool(min_ready=1)
+    pool.wait_ready(1)
+    client = zuul_for(pool)
+    ours = orphan(client, 990001, "freshpool-test")
+    theirs = orphan(client, 990002, "nodepool-launcher-1")
+    wait_for(lambda: not client.zk.exists(f"{NODES}/{ours}"), 30, "our orphan swept")
+    assert client.zk.exists(f"{NODES}/{theirs}")
+    shown = {int(n) for n in client.zk.get_children(NODES)}
+    assert node_ids_by_state(pool, "ready") <= shown  # live nodes' znodes kept
+
+
+def expire(zookeeper: ZooKeeper, session: KazooClient) -> None:
+    """Close `session` from a second client with its id and password: the server
+    expires it, and the first client learns so when it reconnects."""
+    twin = kazoo_client(zookeeper, client_id=session.client_id)
+    twin.stop()
+    twin.close()
+
+
+def requests_of(pool: CompatPool, name: str) -> list[int]:
+    rows = pool.store.list_requests()
+    return [r.id for r in rows if r.requestor.split(" ")[1:2] == [name]]
+
+
+def test_an_expired_session_re_registers_and_fulfils_nothing_twice(
+    compat_pool: Start, zuul_for: Zuul, zookeeper: ZooKeeper
+) -> None:
+    pool = compat_pool(min_ready=2, max_nodes=2)
+    pool.wait_ready(2)
+    client = zuul_for(pool)
+    running = client.submit(["debian"])
+    running_nodes = client.wait(running)["nodes"]
+    client.accept(running, running_nodes)
+    answered = client.submit(["debian"])  # answered, not yet accepted
+    answered_nodes = client.wait(answered)["nodes"]
+    waiting = client.submit(["debian"])  # the pool is full: it waits
+    wait_for(lambda: requests_of(pool, waiting), 30, "the waiting request queued")
+    leftover = orphan(client, 990003, "freshpool-test")  # as a previous run's
+    bridge_zk = pool.running.compat.zk if pool.running.compat else None
+    assert bridge_zk is not None
+    old_session = bridge_zk.client_id[0]
+    expire(zookeeper, bridge_zk)
+    wait_for(lambda: bridge_zk.connected and bridge_zk.client_id[0] != old_session, 60,
+             "a new session")  # fmt: skip
+    pools = "/nodepool/components/pool"
+    wait_for(lambda: client.zk.get_children(pools), 30, "registered again")
+    wait_for(lambda: not client.zk.exists(f"{NODES}/{leftover}"), 30, "the leftover swept")
+    assert client.request(answered)["nodes"] == answered_nodes  # type: ignore[index]
+    client.give_back(running_nodes)  # room for the waiting one
+    got = client.wait(waiting, timeout=60)
+    assert got["state"] == "fulfilled"
+    assert set(got["nodes"]).isdisjoint(running_nodes + answered_nodes)
+    for name in (running, answered, waiting):
+        assert len(requests_of(pool, name)) == 1, name  # one freshpool request each
+    for name in answered_nodes + got["nodes"]:
+        assert client.node(name)["allocated_to"] in (answered, waiting)
