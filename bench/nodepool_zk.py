@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -129,15 +128,14 @@ def _one(side: ZuulSide) -> float:
 
 
 def _burst(side: ZuulSide, count: int) -> dict[str, float]:
+    """`count` requests sent at once (pipelined creates, as many Zuul schedulers
+    submitting together), each watched from its answer's arrival."""
     done: dict[str, tuple[float, dict]] = {}
-    submitted: dict[str, float] = {}
-    lock = threading.Lock()
     started = time.perf_counter()
-    for _ in range(count):
-        request = side.submit(["debian"])
-        with lock:
-            submitted[request] = time.perf_counter()
-        _settled(side, request, done)
+    creates = [side.submit_async(["debian"]) for _ in range(count)]
+    submitted = {str(c.get()).rsplit("/", 1)[1]: started for c in creates}
+    for request in submitted:
+        _watch_async(side, request, done)
     _wait(lambda: len(done) >= count, 300, f"{count} requests")
     wall = max(at for at, _ in done.values()) - started
     waits = [done[r][0] - submitted[r] for r in submitted]
@@ -151,6 +149,25 @@ def _burst(side: ZuulSide, count: int) -> dict[str, float]:
         "nodepool_zk_burst_p50_wait_s": round(percentile(waits, 50), 3),
         "nodepool_zk_burst_fulfilled": fulfilled,
     }
+
+
+def _watch_async(side: ZuulSide, request: str, done: dict[str, tuple[float, dict]]) -> None:
+    """Record when `request` settles: a read with a watch, renewed until it has."""
+    path = f"/nodepool/requests/{request}"
+
+    def look(_event: object = None) -> None:
+        side.zk.get_async(path, watch=look).rawlink(read)
+
+    def read(result: object) -> None:
+        try:
+            data, _ = result.get()  # type: ignore[attr-defined]
+        except Exception:
+            return  # deleted: not by us before it settled
+        answer = json.loads(data)
+        if answer.get("state") in SETTLED and request not in done:
+            done[request] = (time.perf_counter(), answer)
+
+    look()
 
 
 def _rss_mb(pid: int, children: bool = False) -> float:
