@@ -224,6 +224,7 @@ def hold_write_lock(tmp_path: Path) -> sqlite3.Connection:
     return other
 
 
+@pytest.mark.sqlite_only
 def test_a_write_that_must_not_wait_refuses_at_once_and_does_nothing(
     tmp_path: Path, store: Store
 ) -> None:
@@ -245,6 +246,7 @@ def test_a_write_that_must_not_wait_refuses_at_once_and_does_nothing(
     assert [r.state for r in done.created] == [RequestState.FULFILLED]
 
 
+@pytest.mark.sqlite_only
 def test_a_pass_never_stalls_the_loop_while_another_process_writes(
     tmp_path: Path, store: Store
 ) -> None:
