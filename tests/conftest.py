@@ -13,6 +13,7 @@ from freshpool.config import Image
 from freshpool.config import load as load_config
 from freshpool.images.debootstrap import build_cached
 from freshpool.store import Store
+from freshpool.store.db import DATABASE_ENV
 from tests.store.pg import TempPostgres
 from tests.support import Pool, destroy_cluster, pool_yaml, register_test_image
 
@@ -73,3 +74,18 @@ def postgres() -> Iterator[TempPostgres]:
     server = TempPostgres()
     yield server
     server.stop()
+
+
+# FRESHPOOL_TEST_DATABASE=postgresql: every test's store (and every freshpool process a
+# test starts) is a database of its own on the session's PostgreSQL, not SQLite.
+ON_POSTGRES = os.environ.get("FRESHPOOL_TEST_DATABASE", "sqlite") == "postgresql"
+
+
+@pytest.fixture(autouse=True)
+def test_database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not ON_POSTGRES:
+        return
+    if request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("tests SQLite itself")
+    server: TempPostgres = request.getfixturevalue("postgres")
+    monkeypatch.setenv(DATABASE_ENV, server.new_database())

@@ -91,9 +91,10 @@ def _database(config: Config) -> Iterator[Finding]:
     from freshpool.store import db
     from freshpool.store.migrations import HEAD
 
-    url = config.database_url or db.sqlite_url(config.state_dir)
-    where = config.database_url.split("@")[-1] if config.database_url else "SQLite in state-dir"
-    if not config.database_url and not (config.state_dir / "freshpool.db").exists():
+    url = db.url_for(config.state_dir, config.database_url)
+    sqlite = url == db.sqlite_url(config.state_dir)
+    where = "SQLite in state-dir" if sqlite else url.split("@")[-1]
+    if sqlite and not (config.state_dir / "freshpool.db").exists():
         yield Finding(True, "database", f"{where}: made at the first start")
         return
     engine = create_engine(url)

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 
 from freshpool.core import states
 from freshpool.core.states import NodeState
 from freshpool.store import Store
+from freshpool.store.schema import node_events
 from tests.chaos import invariants
 from tests.chaos.runner import run_chaos
 
@@ -64,10 +66,10 @@ def forged(tmp_path: Path, events: list[tuple[int, str | None, str | None, str]]
     store = Store.open(tmp_path)
     with store.engine.begin() as conn:
         for node_id, old, new, reason in events:
-            conn.exec_driver_sql(
-                "INSERT INTO node_events (node_id, at, from_state, to_state, reason)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (node_id, time.time(), old, new, reason),
+            conn.execute(
+                insert(node_events).values(
+                    node_id=node_id, at=time.time(), from_state=old, to_state=new, reason=reason
+                )
             )
     return store
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from freshpool.store import Store, _fastpath
+from freshpool.store import Store, _fastpath, db
 
 
 @pytest.fixture(params=["sqlite", "sqlite-plain", "postgresql"])
@@ -19,7 +19,7 @@ def store(
     PostgreSQL (which always takes the plain path)."""
     if request.param.startswith("sqlite"):
         monkeypatch.setattr(_fastpath, "ENABLED", request.param == "sqlite")
-        s = Store.open(tmp_path)
+        s = Store(db.sqlite_url(tmp_path))
     else:
         s = Store(request.getfixturevalue("postgres").new_database())
     yield s

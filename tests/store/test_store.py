@@ -22,6 +22,7 @@ def ready_node(store: Store, label: str = "l", provider: str = "p") -> int:
     return node.id
 
 
+@pytest.mark.sqlite_only
 def test_migrations_create_every_table_and_wal(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
     names = set(inspect(store.engine).get_table_names())
@@ -150,6 +151,7 @@ def test_fulfil_returns_none_when_not_all_ready(store: Store) -> None:
     assert store.pending_demand() == {"a": 2}
 
 
+@pytest.mark.sqlite_only
 def test_migration_from_first_schema_keeps_rows(tmp_path: Path) -> None:
     from alembic import command
 

@@ -57,7 +57,7 @@ class StoreBase:
     @classmethod
     def open(cls, state_dir: Path, url: str | None = None) -> Self:
         state_dir.mkdir(parents=True, exist_ok=True)
-        return cls(url or db.sqlite_url(state_dir))
+        return cls(db.url_for(state_dir, url))
 
     def close(self) -> None:
         if self._checkpointer is not None:

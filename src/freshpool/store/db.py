@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -39,8 +40,18 @@ class SqliteSettings:
     autocheckpoint: bool = True
 
 
+# The store of every freshpool process when the config names no database-url (a
+# service manager's environment, or a test run on PostgreSQL).
+DATABASE_ENV = "FRESHPOOL_DATABASE_URL"
+
+
 def sqlite_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'freshpool.db'}"
+
+
+def url_for(state_dir: Path, configured: str | None) -> str:
+    """The config's database-url, else $FRESHPOOL_DATABASE_URL, else SQLite in state-dir."""
+    return configured or os.environ.get(DATABASE_ENV) or sqlite_url(state_dir)
 
 
 def make_engine(url: str, settings: SqliteSettings | None = None) -> Engine:
