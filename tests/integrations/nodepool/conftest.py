@@ -74,6 +74,8 @@ labels:
     health-interval: 0
 images:
   - name: debian-bookworm
+tenants:
+  - {{name: capped, max-nodes: 1}}
 nodepool-compat:
   hosts: "{zk.hosts}"
   chroot: {chroot}

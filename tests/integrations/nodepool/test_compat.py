@@ -94,6 +94,21 @@ def test_unknown_label_and_bad_znodes_fail_alone(compat_pool: Start, zuul_for: Z
     assert client.wait(good)["state"] == "fulfilled"
 
 
+def test_a_set_larger_than_the_tenants_quota_fails_at_once(
+    compat_pool: Start, zuul_for: Zuul
+) -> None:
+    """Tenant `capped` may hold one node: a two-node request could never be served,
+    so it is declined with the reason rather than left waiting; one node is fine."""
+    pool = compat_pool(min_ready=2)
+    pool.wait_ready(2)
+    client = zuul_for(pool)
+    too_big = client.submit(["debian", "debian"], tenant_name="capped")
+    one = client.submit(["debian"], tenant_name="capped")
+    answer = client.wait(too_big)
+    assert answer["state"] == "failed" and "max-nodes" in answer["failure_reason"]
+    assert client.wait(one)["state"] == "fulfilled"
+
+
 def test_client_that_dies_holding_locks(compat_pool: Start, zuul_for: Zuul) -> None:
     pool = compat_pool(min_ready=2)
     pool.wait_ready(2)

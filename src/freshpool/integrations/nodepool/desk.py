@@ -155,7 +155,8 @@ class Desk:
         try:
             request = wire.parse_request(name, wire.decode(raw))
             problems = check(request.labels, [x.name for x in self.config.labels],
-                             self.config.providers)  # fmt: skip
+                             self.config.providers,
+                             self.config.tenant_quota(request.tenant))  # fmt: skip
             if problems:
                 raise wire.BadRequest("; ".join(p.message for p in problems))
         except wire.BadRequest as exc:
