@@ -51,7 +51,7 @@ class ChangeWatcher:
             raw = self._engine.raw_connection()
             # Out of the pool: a pooled connection would carry the LISTEN to whoever
             # borrows it next, and this one is held for as long as the watcher lives.
-            conn = raw.driver_connection
+            conn: Any = raw.driver_connection
             raw.detach()
             conn.autocommit = True
             conn.execute(f"LISTEN {CHANNEL}")
