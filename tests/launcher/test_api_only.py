@@ -18,6 +18,7 @@ from sqlalchemy import text
 from freshpool.api import tokens
 from freshpool.api.client import ApiClient
 from freshpool.serve import apionly
+from tests.api.browser import ARTIFACTS, needs_chromium, page_at
 from tests.launcher.fleet import Fleet, wait_for
 from tests.store.pg import TempPostgres
 
@@ -168,3 +169,32 @@ def test_api_only_refuses_a_file_database(tmp_path: Path) -> None:
     with pytest.raises(apionly.NotShared, match="PostgreSQL"):
         apionly.run(config, threading.Event())
     assert not (tmp_path / "api.lock").exists(), "refused before taking anything"
+
+
+@needs_chromium
+def test_the_dashboard_shows_each_launcher_its_leases_and_a_dead_one(
+    fleet_of: type[Fleet],
+) -> None:
+    fleet = fleet_of("min-ready: 0")
+    fleet.start("l1")
+    fleet.start("l2")
+    wait_for(lambda: sorted(fleet.owners().values()) == ["l1", "l2"], 60, "one provider each")
+    fleet.start_api("a")
+    wait_for(lambda: fleet.api_url("a") is not None, 60, "a listening", lambda: fleet.log("a"))
+    fleet.kill("l2")
+    problems: list[str] = []
+    with page_at(f"{fleet.api_url('a')}/", problems) as page:
+        page.wait_for_selector("#live.on")
+        # Dead once not seen for a TTL; its provider then moves to l1.
+        page.wait_for_selector("tr[data-launcher='l2'][data-live='false']", timeout=60_000)
+        alive = page.locator("tr[data-launcher='l1'][data-live='true']")
+        alive.wait_for(timeout=60_000)
+        page.wait_for_function(
+            "() => document.querySelector(\"tr[data-launcher='l1']\").innerText"
+            ".includes('cloud-0') && document.querySelector(\"tr[data-launcher='l1']\")"
+            ".innerText.includes('cloud-1')",
+            timeout=60_000,
+        )
+        assert "dead" in page.locator("tr[data-launcher='l2']").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-launchers.png"), full_page=True)
+    assert problems == []

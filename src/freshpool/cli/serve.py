@@ -21,6 +21,17 @@ if TYPE_CHECKING:
     from freshpool.store import Store
 
 
+ApiOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--api-only",
+        help="Serve only the API, the dashboard and the request scheduler against the"
+        " fleet's PostgreSQL (database-url), on any host: no launcher, no provider"
+        " driven, no root needed.",
+    ),
+]
+
+
 @app.command()
 @friendly
 def serve(
@@ -32,15 +43,7 @@ def serve(
             " with --no-build only `freshpool image build` requests are built."
         ),
     ] = True,
-    api_only: Annotated[
-        bool,
-        typer.Option(
-            "--api-only",
-            help="Serve only the API, the dashboard and the request scheduler against the"
-            " fleet's PostgreSQL (database-url), on any host: no launcher, no provider"
-            " driven, no root needed.",
-        ),
-    ] = False,
+    api_only: ApiOnlyOpt = False,
 ) -> None:
     """Run the launcher: keep min-ready nodes per label ready, delete used ones."""
     from freshpool import launcherlock, logs
