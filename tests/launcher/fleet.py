@@ -33,7 +33,9 @@ class Fleet:
         build = self.store.new_build("img-1", "img", str(root / "no-layers"))
         self.store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "sim")
 
-    def config_text(self, name: str, api: bool = False) -> str:
+    def config_text(self, name: str, api: bool = False, quiet: bool = False) -> str:
+        """`name`'s config; `quiet`: its launcher passes only when woken (a change in
+        the store, an operation's next step), not on timers of its own."""
         providers = "".join(
             f"  - {{name: {cloud}, driver: sim, max-nodes: 10, boot-timeout: 5,"
             f" sim: {{latency: 0.05, path: {self.root / (cloud + '.db')}}}}}\n"
@@ -44,8 +46,8 @@ state-dir: {self.root / name}
 database-url: "{self.url}"
 launcher-id: {name}
 lease-ttl: {self.ttl}
-interval: 0.2
-cleanup-interval: 1
+interval: {600 if quiet else 0.2}
+cleanup-interval: {600 if quiet else 1}
 api: {{{"port: 0" if api else "enabled: false"}}}
 providers:
 {providers}
@@ -57,14 +59,28 @@ images: [{{name: img}}]
     def config(self, name: str) -> Config:
         return parse(self.config_text(name), f"{name}.yaml")
 
-    def start(self, name: str, api: bool = False) -> None:
+    def start(self, name: str, api: bool = False, quiet: bool = False) -> None:
         """Start launcher `name`; with `api`, its API process too (its URL in
-        `api_url(name)` once it listens)."""
+        `api_url(name)` once it listens); `quiet` as in `config_text`."""
         path = self.root / f"{name}.yaml"
-        path.write_text(self.config_text(name, api))
+        path.write_text(self.config_text(name, api, quiet))
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         self.launchers[name] = subprocess.Popen(
             [sys.executable, "-m", "freshpool", "serve", "--no-build", "-c", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def start_api(self, name: str) -> None:
+        """Start `serve --api-only` as `name` (its URL in `api_url(name)` once it
+        listens); stopped and killed as a launcher is."""
+        path = self.root / f"{name}.yaml"
+        path.write_text(self.config_text(name, api=True))
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.launchers[name] = subprocess.Popen(
+            [sys.executable, "-m", "freshpool", "serve", "--api-only", "-c", str(path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -5,6 +5,7 @@ with connections of its own, as separate processes would have."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,6 +52,15 @@ def test_heartbeats_tell_the_live_launchers(store: Store) -> None:
     ]
     store.leave("a")
     assert [r.id for r in store.live_launchers(30.0)] == ["b"]
+
+
+def test_a_heartbeat_forgets_launchers_long_unseen(store: Store) -> None:
+    store.heartbeat("dead", None)
+    time.sleep(0.2)
+    store.heartbeat("alive", None, forget_after=60.0)
+    assert [r.id for r in store.launcher_rows()] == ["alive", "dead"]
+    store.heartbeat("alive", None, forget_after=0.1)
+    assert [r.id for r in store.launcher_rows()] == ["alive"]
 
 
 def test_a_launcher_that_lost_its_lease_cannot_write_for_the_provider(store: Store) -> None:

@@ -21,6 +21,17 @@ if TYPE_CHECKING:
     from freshpool.store import Store
 
 
+ApiOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--api-only",
+        help="Serve only the API, the dashboard and the request scheduler against the"
+        " fleet's PostgreSQL (database-url), on any host: no launcher, no provider"
+        " driven, no root needed.",
+    ),
+]
+
+
 @app.command()
 @friendly
 def serve(
@@ -32,6 +43,7 @@ def serve(
             " with --no-build only `freshpool image build` requests are built."
         ),
     ] = True,
+    api_only: ApiOnlyOpt = False,
 ) -> None:
     """Run the launcher: keep min-ready nodes per label ready, delete used ones."""
     from freshpool import launcherlock, logs
@@ -42,6 +54,9 @@ def serve(
 
     config = load(config_path)
     logs.setup(config.log_level)
+    if api_only:
+        _api_only(config)
+        return
     if os.geteuid() != 0:
         raise Exit(
             "`freshpool serve` must run as root: local nodes need mounts and network namespaces", 3
@@ -101,6 +116,26 @@ def _run(config: Config, store: Store, build: bool, stop: threading.Event,
         running.stop()
         raise
     return running
+
+
+def _api_only(config: Config) -> None:
+    from freshpool.serve import apionly
+
+    stop = _stop_on_signals()
+    apionly.run(
+        config,
+        stop,
+        on_url=lambda url: err.print(
+            f"API and dashboard (api-only) at {url}; database {_safe(config)}"
+        ),
+    )
+
+
+def _safe(config: Config) -> str:
+    """The database URL without its password, for the log."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(config.database_url or "").render_as_string(hide_password=True)
 
 
 def _reload_on(reloader: Reloader) -> Callable[[int, Any], None]:

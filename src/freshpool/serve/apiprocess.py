@@ -67,6 +67,11 @@ class Serving:
         store.checkpoint_in_background()
         self.scheduler = Scheduler(config, store, short=wake)
         self.services = Services(config, store, self.scheduler, wake=wake)
+        if store.shared_by_launchers:
+            # Other API servers (serve --api-only) and launchers of the fleet hand out
+            # and release too: a change anyone commits is this scheduler's cue to pass
+            # (newly ready nodes; waiters of requests served elsewhere).
+            self.services.changes.on_change.append(self.scheduler.poke)
         self.server: ApiServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -43,12 +43,18 @@ def db_now(conn: Connection) -> float:
 
 
 class LeaseQueries(StoreBase):
-    def heartbeat(self, launcher: str, providers: Collection[str] | None) -> float:
+    def heartbeat(
+        self, launcher: str, providers: Collection[str] | None, forget_after: float | None = None
+    ) -> float:
         """Say `launcher` is alive (and which providers it may drive); returns the
-        database's time."""
+        database's time. With `forget_after`, launchers not seen for that many
+        seconds are removed: one killed never says it leaves, and the live ones are
+        the ones left to clear its row."""
         serves = sorted(providers) if providers is not None else None
         with self._write() as conn:
             now = db_now(conn)
+            if forget_after is not None:
+                conn.execute(delete(launchers).where(launchers.c.seen_at < now - forget_after))
             changed = conn.execute(
                 update(launchers)
                 .where(launchers.c.id == launcher)
@@ -83,6 +89,11 @@ class LeaseQueries(StoreBase):
         with self._read() as conn:
             query = select(launchers).order_by(launchers.c.id)
             return [LauncherRow(**row._mapping) for row in conn.execute(query)]
+
+    def fleet_now(self) -> float:
+        """The time leases and heartbeats are written in (the database's clock)."""
+        with self._read() as conn:
+            return db_now(conn)
 
     def leases(self) -> dict[str, LeaseRow]:
         with self._read() as conn:
