@@ -135,7 +135,10 @@ def _safe(config: Config) -> str:
     """The database URL without its password, for the log."""
     from sqlalchemy.engine import make_url
 
-    return make_url(config.database_url or "").render_as_string(hide_password=True)
+    from freshpool.store import db
+
+    url = db.url_for(config.state_dir, config.database_url)
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _reload_on(reloader: Reloader) -> Callable[[int, Any], None]:

@@ -20,7 +20,7 @@ from freshpool.api.server import bind, check_tls, url_of
 from freshpool.config import Config
 from freshpool.core.errors import BadInput
 from freshpool.serve.apiprocess import Serving
-from freshpool.store import Store
+from freshpool.store import Store, db
 
 log = logging.getLogger("freshpool.serve")
 URL_FILE = "api.url"
@@ -34,7 +34,7 @@ class NotShared(BadInput):
 
 def check(config: Config) -> None:
     """Refuse a config api-only cannot serve: a file database, or the API off."""
-    if config.database_url is None or config.database_url.startswith("sqlite"):
+    if db.url_for(config.state_dir, config.database_url).startswith("sqlite"):
         # A file database is one host's, and on that host `serve` already runs the
         # API beside its launcher: a second API server there would add a writer to
         # the file and nothing else (on a network filesystem, SQLite's locks fail).
