@@ -80,6 +80,24 @@ def test_a_launcher_that_lost_its_lease_cannot_write_for_the_provider(store: Sto
     assert [(n.id, n.state, n.external_id) for n in store.nodes()] == [(node.id, "building", None)]
 
 
+def test_the_history_says_who_drove_a_provider_at_which_generation(store: Store) -> None:
+    store.fencing = fenced(store, "a", "cloud", ttl=0.0)
+    (node,) = store.new_nodes("debian", "cloud", "b1", "debian", 1)
+    store.fencing = fenced(store, "b", "cloud")
+    store.transition(node.id, N.BUILDING, N.TESTING, "up")
+    store.fencing = None
+    store.transition(node.id, N.TESTING, N.READY, "an unfenced write")
+    assert [(e.to_state, e.launcher, e.generation) for e in store.events(node.id)] == [
+        ("building", "a", 1),
+        ("testing", "b", 2),
+        ("ready", None, None),
+    ]
+    assert [(p, o, g, before) for p, o, g, _at, before in store.lease_history()] == [
+        ("cloud", "a", 1, ""),
+        ("cloud", "b", 2, "a"),
+    ]
+
+
 def test_room_caps_a_launch_in_its_own_transaction(store: Store) -> None:
     room = Room(provider_max=3, label_supply=5)
     assert len(store.new_nodes("debian", "cloud", "b1", "debian", 10, room)) == 3

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from freshpool.store.base import StoreBase
-from freshpool.store.schema import launchers, provider_leases
+from freshpool.store.schema import launchers, lease_takes, provider_leases
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ class LeaseQueries(StoreBase):
                             renewed_at=now,
                         )
                     )
+                    _taken(conn, provider, owner, 1, now, "")
                     return 1
                 if row.owner != owner and row.expires_at > now:
                     return None
@@ -140,9 +141,22 @@ class LeaseQueries(StoreBase):
                         renewed_at=now,
                     )
                 )
+                _taken(conn, provider, owner, generation, now, row.owner)
                 return generation
         except IntegrityError:  # another launcher inserted the first row meanwhile
             return None
+
+    def lease_history(self) -> list[tuple[str, str, int, float, str]]:
+        """Every take, oldest first: (provider, owner, generation, at, previous owner)."""
+        with self._read() as conn:
+            query = select(
+                lease_takes.c.provider,
+                lease_takes.c.owner,
+                lease_takes.c.generation,
+                lease_takes.c.at,
+                lease_takes.c.previous,
+            ).order_by(lease_takes.c.id)
+            return [(p, o, g, at, before) for p, o, g, at, before in conn.execute(query)]
 
     def renew_leases(self, owner: str, held: dict[str, int], ttl: float) -> set[str]:
         """Extend each lease `owner` holds at the generation given; the providers it
@@ -176,3 +190,13 @@ class LeaseQueries(StoreBase):
                 )
                 .values(expires_at=0.0)
             )
+
+
+def _taken(
+    conn: Connection, provider: str, owner: str, generation: int, at: float, previous: str
+) -> None:
+    conn.execute(
+        insert(lease_takes).values(
+            provider=provider, owner=owner, generation=generation, at=at, previous=previous
+        )
+    )
