@@ -52,7 +52,7 @@ class EventRow:
     label: str | None = None
     provider: str | None = None
     tenant: str | None = None
-    # Who wrote it, for the launcher's fenced writes (None otherwise, and before 0008).
+    # Who wrote it, for the launcher's fenced writes (None otherwise, and before 0009).
     launcher: str | None = None
     generation: int | None = None
 

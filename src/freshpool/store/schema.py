@@ -161,7 +161,7 @@ node_events = Table(
     Column("tenant", String(64)),
     # The launcher whose fenced write this was and the lease generation it held on the
     # node's provider (store/fencing.py), so the history shows who drove the provider;
-    # NULL for writes that are not fenced (hand-outs, releases) and before 0008.
+    # NULL for writes that are not fenced (hand-outs, releases) and before 0009.
     Column("launcher", String(256)),
     Column("generation", Integer),
 )
