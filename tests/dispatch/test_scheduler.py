@@ -26,7 +26,7 @@ from freshpool.core.errors import BadInput, StaleState, WriteBusy
 from freshpool.core.states import BuildState, NodeState, RequestState
 from freshpool.dispatch import direct
 from freshpool.dispatch.scheduler import Outcome, Scheduler
-from freshpool.store import NewRequest, Store
+from freshpool.store import NewRequest, Store, handout
 from tests.store.test_handout import everyone
 
 N = NodeState
@@ -388,7 +388,7 @@ def test_a_cli_acquire_runs_its_hand_out_again_when_another_process_settled_a_re
     cfg = config(tmp_path)
     ready_image(store, tmp_path)
     make_ready(store, "small")
-    real = store.hand_out
+    real = handout._claim
     raced: list[int] = []
 
     def racing(*args: object, **kwargs: object) -> object:
@@ -397,7 +397,7 @@ def test_a_cli_acquire_runs_its_hand_out_again_when_another_process_settled_a_re
             raise StaleState("a request stopped pending during the hand-out")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store, "hand_out", racing)
+    monkeypatch.setattr(handout, "_claim", racing)
     (node,) = direct.acquire(cfg, store, ["small"], timeout=5)
     assert raced and node.state == NodeState.IN_USE
     assert [r.state for r in store.list_requests()] == [RequestState.FULFILLED]

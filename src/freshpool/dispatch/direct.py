@@ -17,12 +17,7 @@ from collections.abc import Sequence
 
 from freshpool import crashpoints, launcherlock
 from freshpool.config import Config
-from freshpool.core.errors import (
-    AcquireTimeout,
-    BadInput,
-    NothingToServe,
-    StaleState,
-)
+from freshpool.core.errors import AcquireTimeout, BadInput, NothingToServe, StaleState
 from freshpool.core.nodesets import check
 from freshpool.core.placement import Clocks
 from freshpool.core.sshkeys import check_public_key
@@ -32,8 +27,6 @@ from freshpool.store import HandOut, NewRequest, NodeRow, RequestRow, Store, que
 
 # Between two looks at the request, at most (a change in the store ends the wait).
 LOOK_EVERY = 0.5
-# Hand-outs run again when another process changed the queue under them.
-STALE_TRIES = 5
 
 
 def requestor() -> str:
@@ -69,7 +62,7 @@ def acquire(
     planning = Planning(config)
     watcher = store.change_watcher()
     try:
-        done = _first_pass(config, store, planning, new)
+        done = _pass(config, store, planning, [new])
         request = done.created[0]
         got = done.nodes_of(request.id)
         try:
@@ -92,18 +85,6 @@ def acquire(
         return got
     finally:
         watcher.close()
-
-
-def _first_pass(config: Config, store: Store, planning: Planning, new: NewRequest) -> HandOut:
-    """Queue `new` and serve what can be served. StaleState means another process
-    settled a request of the queue meanwhile and the whole hand-out (with `new`)
-    rolled back: it is run again."""
-    for _ in range(STALE_TRIES - 1):
-        try:
-            return _pass(config, store, planning, [new])
-        except StaleState:
-            continue
-    return _pass(config, store, planning, [new])
 
 
 def _abandon(store: Store, request_id: int) -> None:
@@ -144,10 +125,7 @@ def _look(
     """Our nodes if the request is fulfilled now (by a pass here or elsewhere)."""
     request = store.request(request_id)
     if request.state == RequestState.PENDING:
-        try:
-            done = _pass(config, store, planning, [])
-        except StaleState:
-            return []  # another process settled a request meanwhile: look again
+        done = _pass(config, store, planning, [])
         if request_id in done.fulfilled:
             return done.nodes_of(request_id)
         request = store.request(request_id)

@@ -55,8 +55,6 @@ Outcome = tuple[RequestRow, list[NodeRow]]
 # Waits for another writer to let go of SQLite's write lock: short, as its
 # transactions are.
 BUSY = Backoff(base=0.0005, cap=0.02)
-# A hand-out that meets a concurrent claimer (PostgreSQL) is redone this often.
-HAND_OUT_TRIES = 3
 
 
 class Planning:
@@ -241,21 +239,13 @@ class Scheduler:
             self._after(done, planned)
 
     async def _pass(self, new: list[NewRequest]) -> tuple[HandOut, Planned | None]:
-        for attempt in range(HAND_OUT_TRIES):
-            planned = self.planning.planner(self.clocks) if self.started.is_set() else None
-            plan: Planner = planned if planned is not None else queue_only
-            try:
-                if self._worker is None:
-                    return self.store.hand_out(new, plan, self.planning.providers, False), planned
-                call = functools.partial(self.store.hand_out, new, plan, self.planning.providers)
-                assert self._loop is not None
-                return await self._loop.run_in_executor(self._worker, call), planned
-            except StaleState:
-                # Another claimer took a node between our read and our claim
-                # (PostgreSQL); the transaction rolled back whole. Look again.
-                if attempt == HAND_OUT_TRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
+        planned = self.planning.planner(self.clocks) if self.started.is_set() else None
+        plan: Planner = planned if planned is not None else queue_only
+        if self._worker is None:
+            return self.store.hand_out(new, plan, self.planning.providers, False), planned
+        call = functools.partial(self.store.hand_out, new, plan, self.planning.providers)
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._worker, call), planned
 
     def _after(self, done: HandOut, planned: Planned | None) -> None:
         served = [request for request, _ in done.fulfilled.values()]

@@ -32,6 +32,9 @@ from freshpool.store.nodes import NodeRow
 from freshpool.store.requests import PENDING, RequestRow
 from freshpool.store.schema import node_events, nodes, requests
 
+# Runs of a hand-out that another process's commit rolled back, before giving up.
+HAND_OUT_TRIES = 5
+
 
 @dataclass(frozen=True)
 class Queue:
@@ -105,7 +108,21 @@ class HandOutQueries(StoreBase):
         PostgreSQL another claimer may hold the rows) leaves that request pending.
         With `wait` false it raises WriteBusy, having done nothing, if another writer
         holds the lock.
+
+        When another process took a node or settled a request between the reads and
+        the claim (PostgreSQL), the transaction rolls back whole and runs again; after
+        HAND_OUT_TRIES it raises StaleState, having done nothing.
         """
+        for _ in range(HAND_OUT_TRIES - 1):
+            try:
+                return self._hand_out_once(new, plan, providers, wait)
+            except StaleState:
+                continue
+        return self._hand_out_once(new, plan, providers, wait)
+
+    def _hand_out_once(
+        self, new: Sequence[NewRequest], plan: Planner, providers: Sequence[str], wait: bool
+    ) -> HandOut:
         now = self.clock()
         with self._write(wait) as conn:
             # The queue as it was, then this hand-out's requests behind it.
