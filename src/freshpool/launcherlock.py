@@ -59,10 +59,10 @@ def holding(state_dir: Path, what: str, lock_file: str = LOCK_FILE) -> Iterator[
         yield
 
 
-def holder(state_dir: Path) -> str | None:
+def holder(state_dir: Path, lock_file: str = LOCK_FILE) -> str | None:
     """Who holds the lock now (as it wrote itself: "pid N (what)"), or None."""
     try:
-        handle = open(state_dir / LOCK_FILE)  # noqa: SIM115 - closed below
+        handle = open(state_dir / lock_file)  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return None
     with handle:

@@ -120,6 +120,8 @@ class Chaos:
         self.clients: dict[int, subprocess.Popen[bytes]] = {}
         self.client_runs = 0
         self.armed_at: dict[str, float] = {}
+        self.started_wall: dict[str, float] = {}
+        self.up_at: dict[str, float] = {}  # launcher -> when it was first seen up
 
     # ----------------------------------------------------------- configs
 
@@ -156,6 +158,8 @@ images: [{{name: img}}]
 
     def start(self, name: str, faults: bool = True, crash: str | None = None) -> None:
         self.starts += 1
+        self.started_wall[name] = time.time()
+        self.up_at.pop(name, None)
         path = self.root / f"{name}.yaml"
         path.write_text(self.config_text(name, faults))
         (self.root / name / "api.url").unlink(missing_ok=True)
@@ -176,6 +180,20 @@ images: [{{name: img}}]
             env=env,
         )
         log.close()
+
+    def up(self, name: str) -> bool:
+        """Whether launcher `name` has run its first lease pass since it was started
+        (heartbeated): a kill before then would only stop a Python interpreter
+        importing, which tells nothing about the launcher."""
+        if name in self.up_at:
+            return True
+        if name not in self.procs:
+            return False
+        since = self.started_wall[name]
+        if any(r.id == name and r.seen_at >= since for r in self.store.launcher_rows()):
+            self.up_at[name] = time.monotonic()
+            return True
+        return False
 
     def kill(self, name: str) -> None:
         """kill -9 the launcher's whole process group (its API process with it)."""
@@ -332,9 +350,10 @@ def _disturb(
             if process.poll() is not None:
                 report.client_kills += 1
                 chaos.start_client(i, threads, crash=rng.random() < 0.3)
-        # An armed launcher that never came to its crash point: a timed kill instead.
+        # An armed launcher that never came to its crash point within a few TTLs of
+        # being up (its share handed over to it, launches made): a timed kill instead.
         for name in list(chaos.armed):
-            if now - chaos.armed_at[name] > 3 * ttl and name in chaos.procs:
+            if name in chaos.procs and chaos.up(name) and now - chaos.up_at[name] > 5 * ttl:
                 chaos.kill(name)
                 report.timed_kills += 1
                 report.kill_points += 1
@@ -354,8 +373,11 @@ def _disturb(
         want_kill = report.kill_points < kills and (
             report.cuts >= cuts or rng.random() < kills / (kills + cuts)
         )
+        up = [name for name in sorted(chaos.procs) if chaos.up(name)]
         if want_kill and not chaos.armed:
-            victim = rng.choice(sorted(chaos.procs))
+            if not up:
+                continue
+            victim = rng.choice(up)
             chaos.kill(victim)
             report.timed_kills += 1
             report.kill_points += 1

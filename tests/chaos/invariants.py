@@ -200,8 +200,12 @@ def failovers(
                 )
             found.append((launcher, provider, after[0] - died))
             if after[0] - died > limit:
+                near = [(o, g, round(at - died, 2)) for p, o, g, at, _b in takes
+                        if p == provider and abs(at - died) < 30]  # fmt: skip
                 raise Violation(
                     f"provider {provider} of {launcher}: taken again {after[0] - died:.2f} s after"
-                    f" it died (limit {limit:.2f} s)"
+                    f" it died (limit {limit:.2f} s); its takes near then (owner, generation,"
+                    f" s after the death): {near}; deaths near then:"
+                    f" {[(n, round(t - died, 2)) for t, n in deaths if abs(t - died) < 30]}"
                 )
     return found

@@ -6,6 +6,11 @@ other."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -198,3 +203,41 @@ def test_the_dashboard_shows_each_launcher_its_leases_and_a_dead_one(
         assert "dead" in page.locator("tr[data-launcher='l2']").inner_text()
         page.screenshot(path=str(ARTIFACTS / "dashboard-launchers.png"), full_page=True)
     assert problems == []
+
+
+def test_api_only_reloads_its_config_and_refuses_a_bad_one(fleet_of: type[Fleet]) -> None:
+    """`freshpool config reload` (SIGHUP) on an API server: a good config is taken on
+    the same address, a bad one refused with its error while the old one serves on."""
+    fleet = fleet_of("min-ready: 0")
+    fleet.start("launcher")
+    (client,) = api_servers(fleet, "a")
+    url = fleet.api_url("a")
+    path = fleet.root / "a.yaml"
+    good = path.read_text()
+
+    def reload() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "freshpool", "config", "reload", "-c", str(path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    def labels() -> list[str]:
+        return sorted(x["name"] for x in client.call("GET", "/labels"))
+
+    assert labels() == ["debian"]
+    path.write_text(good.replace("labels:\n", "labels:\n  - {name: extra, image: img}\n"))
+    taken = reload()
+    assert taken.returncode == 0 and "serve --api-only: taken" in taken.stdout, taken
+    wait_for(lambda: fleet.api_url("a") == url and labels() == ["debian", "extra"], 60,
+             "the new label served on the same address", lambda: fleet.log("a"))  # fmt: skip
+    path.write_text(good.replace("labels:\n", "labels:\n  - {name: extra, image: no-such}\n"))
+    refused = reload()  # checked by the command before it signals the server
+    assert refused.returncode != 0 and "no image named 'no-such'" in refused.stderr, refused
+    # A plain SIGHUP: the server checks the file itself and keeps its config.
+    result = fleet.root / "a" / apionly.RELOAD_FILE
+    result.unlink()
+    os.kill(fleet.launchers["a"].pid, signal.SIGHUP)
+    wait_for(result.exists, 60, "the server's answer to SIGHUP", lambda: fleet.log("a"))
+    answer = json.loads(result.read_text())
+    assert not answer["ok"] and "no-such" in answer["message"], answer
+    assert labels() == ["debian", "extra"] and fleet.launchers["a"].poll() is None

@@ -14,6 +14,7 @@ from freshpool.cli.app import ConfigOpt, Exit, app, checked_drivers, err, friend
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from freshpool import serve as serving
     from freshpool.config import Config
@@ -55,7 +56,7 @@ def serve(
     config = load(config_path)
     logs.setup(config.log_level)
     if api_only:
-        _api_only(config)
+        _api_only(config, config_path)
         return
     if os.geteuid() != 0:
         raise Exit(
@@ -118,17 +119,33 @@ def _run(config: Config, store: Store, build: bool, stop: threading.Event,
     return running
 
 
-def _api_only(config: Config) -> None:
+def _api_only(config: Config, config_path: Path | None) -> None:
+    """`serve --api-only`, reloading its config on SIGHUP as serve does."""
+    from freshpool import logs
     from freshpool.serve import apionly
+    from freshpool.serve.reload import Reloader, api_unchanged
 
-    stop = _stop_on_signals()
-    apionly.run(
-        config,
-        stop,
-        on_url=lambda url: err.print(
-            f"API and dashboard (api-only) at {url}; database {_safe(config)}"
-        ),
-    )
+    def on_url(url: str) -> None:
+        err.print(f"API and dashboard (api-only) at {url}; database {_safe(config)}")
+
+    listener = None
+    with apionly.opened(config) as store:
+        while True:
+            stop = _stop_on_signals()
+            reloader = Reloader(config_path, config, stop, apionly.RELOAD_FILE)
+            signal.signal(signal.SIGHUP, _reload_on(reloader))
+            try:
+                listener = apionly.serve(config, store, stop, listener, on_url)
+            finally:
+                reloader.close()
+            new = reloader.next
+            if new is None or not api_unchanged(config, new):
+                listener.close()
+                listener = None
+            if new is None:
+                return
+            config = new
+            logs.setup(config.log_level)
 
 
 def _safe(config: Config) -> str:

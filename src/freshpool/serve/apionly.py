@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from freshpool import launcherlock
 from freshpool.api.server import bind, check_tls, url_of
@@ -26,6 +27,8 @@ log = logging.getLogger("freshpool.serve")
 URL_FILE = "api.url"
 # What this process writes into its state directory's api.lock as the holder.
 API_ONLY = "freshpool serve --api-only"
+# Where its config reloads are reported (serve's own is reload.RESULT_FILE).
+RELOAD_FILE = "reload-api.json"
 
 
 class NotShared(BadInput):
@@ -49,24 +52,41 @@ def check(config: Config) -> None:
 
 
 def run(config: Config, stop: threading.Event, on_url: Callable[[str], None] | None = None) -> None:
-    """Serve until `stop` is set. Takes the state directory's API lock (not the
-    launcher's: no node is driven here, and a launcher may share the directory)."""
+    """Serve until `stop` is set (what `serve --api-only` does between reloads)."""
+    with opened(config) as store:
+        serve(config, store, stop, None, on_url).close()
+
+
+@contextlib.contextmanager
+def opened(config: Config) -> Iterator[Store]:
+    """The store, once `config` is checked and the state directory's API lock taken
+    (not the launcher's: no node is driven here, and a launcher may share the
+    directory); held across reloads."""
     check(config)
     with launcherlock.holding(config.state_dir, API_ONLY, launcherlock.API_LOCK_FILE):
         store = Store.open(config.state_dir, config.database_url)
         try:
-            _serve(config, store, stop, on_url)
+            yield store
         finally:
             store.close()
 
 
-def _serve(
-    config: Config, store: Store, stop: threading.Event, on_url: Callable[[str], None] | None
-) -> None:
+def serve(
+    config: Config,
+    store: Store,
+    stop: threading.Event,
+    listener: socket.socket | None,
+    on_url: Callable[[str], None] | None = None,
+) -> socket.socket:
+    """Serve on `listener` (bound here if None) until `stop`; the listening socket,
+    still open, so a reload that keeps the address keeps the connections queued."""
     check_tls(config.api.tls)
-    listener = bind(config.api.listen, config.api.port)
+    if listener is None:
+        listener = bind(config.api.listen, config.api.port)
     # The launchers wake on this server's commits (NOTIFY): nothing to tell them.
-    serving = Serving(config, store, listener, wake=lambda: None)
+    # The server closes the socket it serves on when it stops; it gets a duplicate,
+    # so ours stays open (listening) for the next run.
+    serving = Serving(config, store, listener.dup(), wake=lambda: None)
     url_file = config.state_dir / URL_FILE
     try:
         url = url_of(listener, config.api.tls)
@@ -75,11 +95,14 @@ def _serve(
             on_url(url)
         _wait_for_a_launcher(config, store, serving, stop)
         stop.wait()
+    except BaseException:
+        listener.close()
+        raise
     finally:
         serving.stop()
-        listener.close()
         with contextlib.suppress(FileNotFoundError):
             url_file.unlink()
+    return listener
 
 
 def _wait_for_a_launcher(
