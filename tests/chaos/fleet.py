@@ -9,8 +9,9 @@ connections through a TCP proxy; then check the invariants from the history.
 Launchers a, b, c drive six sim providers; c reaches PostgreSQL through the proxy
 (tests/chaos/proxy.py). A launcher is restarted after a seeded delay, often armed
 at a crash point (freshpool.crashpoints), where it kills itself; the others die by
-timed kill -9. One disturbance at a time: no kill while c is cut off, no cut while
-a launcher is down, so a takeover always has a launcher to go to. After the last,
+timed kill -9. One disturbance at a time: no kill while c is cut off, no kill or
+cut until every launcher is up again (heartbeating since its restart), so a
+takeover always has a launcher to go to. After the last,
 the faults stop, the launchers restart calm, the pool settles, and the run checks
 (tests/chaos/invariants.py): each node's history follows the state table, no node
 went to two requests, no request was lost, the clouds and the store agree, no
@@ -373,11 +374,12 @@ def _disturb(
         want_kill = report.kill_points < kills and (
             report.cuts >= cuts or rng.random() < kills / (kills + cuts)
         )
-        up = [name for name in sorted(chaos.procs) if chaos.up(name)]
+        # Every launcher up (a restarted one can take seconds on a loaded host): a
+        # kill then always leaves live launchers to take over, as a cut does.
+        if len(chaos.procs) < len(LAUNCHERS) or not all(chaos.up(n) for n in chaos.procs):
+            continue
         if want_kill and not chaos.armed:
-            if not up:
-                continue
-            victim = rng.choice(up)
+            victim = rng.choice(sorted(chaos.procs))
             chaos.kill(victim)
             report.timed_kills += 1
             report.kill_points += 1

@@ -69,7 +69,9 @@ class ImageController:
         self.base_cache = base_cache
         self.wake = wake
         self.cancel = threading.Event()
-        self.uploads = Uploads(shared.config, shared.store, shared.drivers, wake)
+        # Every provider this host can drive, leased or not: in a fleet the builder
+        # uploads for the providers the other launchers drive too.
+        self.uploads = Uploads(shared.config, shared.store, shared.configured, wake)
         self.garbage = Garbage(shared.config, shared.store, self.uploads)
         self._worker: _Worker | None = None
         self._validations: dict[str, tuple[str, Validation]] = {}
@@ -220,10 +222,14 @@ class ImageController:
             if image is None:
                 self._finish_validation(build, Verdict(False, "no longer in the config", 0.0))
                 continue
-            targets = self.uploads.targets(image.name)
+            # A validation node is launched as any node is: on a provider this
+            # launcher drives (in a fleet, one it holds the lease of).
+            targets = [p for p in self.uploads.targets(image.name) if p in self.shared.drivers]
             if not targets:
                 self.shared.warn_once(
-                    f"validate:{build.id}", f"build {build.id}: no provider to validate on"
+                    f"validate:{build.id}",
+                    f"build {build.id}: no provider to validate on"
+                    " (none this launcher drives launches the image)",
                 )
                 continue
             provider = targets[0]
