@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
-from prometheus_client.parser import text_to_metric_families
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from bench.common import percentile
@@ -197,7 +197,7 @@ def _pass_p99_ms(published: Path) -> float:
 
     observed = json.loads(published.read_text())
     worst = 0.0
-    for family in text_to_metric_families(observed["metrics"]):
+    for family in text_string_to_metric_families(observed["metrics"]):
         if family.name != "freshpool_launcher_pass_seconds":
             continue
         buckets: dict[str, list[tuple[float, float]]] = {}
