@@ -20,6 +20,8 @@ Scenarios (all by default; real local nodes need root):
              python -m bench.http_handoff)
   nodepool-zk  a Zuul-style client over ZooKeeper (TLS) against `serve` with
              nodepool-compat: 50 ready znodes, one request at a time, 200 at once
+  fleet      4 launchers on one PostgreSQL: 50 providers filling 50,000 nodes (5,000
+             with --quick), kill -9 failover, HTTP over 2 API servers (bench/fleet.py)
 
 Each figure is printed beside its target and the previous run's value. Results go
 to bench/results/latest.json (the run before is kept as previous.json).
@@ -59,6 +61,13 @@ def nodepool_zk(root: Path, rounds: int = 100, burst: int = 200) -> dict[str, fl
     return scenario.run(root, rounds, burst)
 
 
+def fleet(root: Path, quick: bool = False) -> dict[str, float]:
+    """bench.fleet: launchers and API servers on one PostgreSQL (issue 22)."""
+    from bench import fleet as scenario
+
+    return scenario.run(root, quick)
+
+
 def buildbot(root: Path, builds: int = 50) -> dict[str, float]:
     """bench.buildbot: a Buildbot job queued -> first step on a node, warm and empty pool."""
     from bench import buildbot as scenario
@@ -81,6 +90,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, float]]] = {
     "clouds": clouds.run,
     "demand": demand.run,
     "nodepool-zk": nodepool_zk,
+    "fleet": fleet,
 }
 QUICK = {
     "handoff": {"hand_outs": 300},
@@ -96,6 +106,7 @@ QUICK = {
     "clouds": {"nodes": 300},
     "demand": {"weeks": 2},
     "nodepool-zk": {"rounds": 20},
+    "fleet": {"quick": True},
 }
 # (figure prefix or name, comparison, target); from the issues' targets.
 TARGETS: list[tuple[str, str, float]] = [
@@ -135,6 +146,18 @@ TARGETS: list[tuple[str, str, float]] = [
     # bench.nodepool_zk (issue 23); Nodepool 11 here: 1,035 ms each, 13.3 requests/s.
     ("nodepool_zk_one_p50_ms", "<=", 20),
     ("nodepool_zk_burst_rps", ">=", 500),
+    # bench.fleet (issue 22): 4 launchers, 50 providers; failover within a TTL and a
+    # pass; HTTP over 2 API servers on PostgreSQL beside the SQLite targets.
+    ("fleet_50000_launch_rate_pct", ">=", 95),
+    ("fleet_5000_launch_rate_pct", ">=", 95),
+    ("fleet_50000_pass_p99_ms", "<=", 250),
+    ("fleet_5000_pass_p99_ms", "<=", 250),
+    ("fleet_50000_rss_mb", "<=", 300),
+    ("fleet_5000_rss_mb", "<=", 300),
+    # Lease TTL 5 s plus one lease pass (TTL / 10).
+    ("fleet_failover_launching_max_s", "<=", 5.5),
+    ("fleet_http_c50_p99_ms", "<=", 50),
+    ("fleet_http_c50_rps", ">=", 500),
 ]
 
 

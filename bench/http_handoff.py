@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.__main__ import report
@@ -143,7 +144,7 @@ class Server:
 
 
 async def hand_outs(
-    url: str,
+    url: str | Sequence[str],
     token: str,
     clients: int,
     total: int,
@@ -153,7 +154,8 @@ async def hand_outs(
     ask_for: dict[str, object] | None = None,
 ) -> dict[str, float]:
     """`total` hand-outs by `clients` concurrent clients, after `warm` untimed ones;
-    latency of each POST -> fulfilled.
+    latency of each POST -> fulfilled. With several URLs (API servers), the clients
+    are spread over them.
 
     `every` paces each client: a request starts at most that often (seconds).
     """
@@ -161,8 +163,10 @@ async def hand_outs(
     auth = {"Authorization": f"Bearer {token}"}
     ask = request_bytes("POST", "/requests?wait=30", auth, ask_for or {"labels": ["debian"]})
 
-    async def one_client() -> None:
-        http = await Connection.open(url)
+    urls = [url] if isinstance(url, str) else list(url)
+
+    async def one_client(i: int) -> None:
+        http = await Connection.open(urls[i % len(urls)])
         try:
             while (timed := loop.turn()) is not None:
                 started = time.perf_counter()
@@ -179,7 +183,7 @@ async def hand_outs(
         finally:
             http.close()
 
-    await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
     got = loop.figures()
     got["rps"] = got.pop("per_s")
     return got

@@ -57,3 +57,47 @@ images: [{{name: img}}]
     listed = json.loads(cli("list", "--json").stdout)
     assert {n["state"] for n in listed} == {"ready"} and len(listed) == 2
     store.close()
+
+
+def test_the_api_process_waits_for_a_database_cut_off_at_its_start(
+    tmp_path: Path, postgres: TempPostgres
+) -> None:
+    """A launcher started while its database is unreachable (failing over, a network
+    cut) keeps trying to start its API process rather than exiting: the database
+    is behind a proxy refusing connections for the first seconds."""
+    import threading
+
+    from sqlalchemy import make_url
+
+    from freshpool.api.client import ApiClient
+    from freshpool.api.server import bind, url_of
+    from freshpool.config import parse
+    from freshpool.serve.supervisor import ApiProcess
+    from tests.chaos.proxy import CutProxy
+
+    url = postgres.new_database()
+    Store(url).close()  # the schema, made while the database is reachable
+    proxy = CutProxy(str(postgres.socket / ".s.PGSQL.5432"))
+    proxied = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/{make_url(url).database}"
+    config = parse(f"""
+state-dir: {tmp_path / "state"}
+database-url: "{proxied}"
+api: {{port: 0}}
+providers: [{{name: cloud, driver: sim}}]
+labels: [{{name: debian, image: img}}]
+images: [{{name: img}}]
+""")
+    proxy.cut(block=3.0)
+    listener = bind("127.0.0.1", 0)
+    process = ApiProcess(config, listener, wake=lambda: None)
+    started = threading.Thread(target=process.start, kwargs={"timeout": 60})
+    try:
+        started.start()
+        started.join(90)
+        assert not started.is_alive() and proxy.refused > 0
+        assert process.process is not None and process.process.is_alive()
+        assert ApiClient(url_of(listener), "").call("GET", "/healthz") is not None
+    finally:
+        process.stop()
+        listener.close()
+        proxy.close()

@@ -26,11 +26,13 @@ def test_init_writes_a_config_and_units_and_never_overwrites(tmp_path: Path) -> 
     valid = freshpool("config", "validate", "-c", str(config))
     assert valid.returncode == 0, valid.stderr
 
-    service = (units / "freshpool.service").read_text()
+    service = (units / "freshpool-launcher.service").read_text()
     exec_start = next(line for line in service.splitlines() if line.startswith("ExecStart="))
     program = exec_start.removeprefix("ExecStart=").split()[0]
     assert Path(program).exists() and f"serve -c {config}" in exec_start
     assert "KillMode=process" in service  # nodes outlive a restart of the service
+    api = (units / "freshpool-api.service").read_text()
+    assert f"serve --api-only -c {config}" in api
 
     # Someone's edited config is never replaced by a second init.
     config.write_text(config.read_text() + "# mine\n")
@@ -50,7 +52,11 @@ def test_the_units_are_ones_systemd_accepts(tmp_path: Path) -> None:
     shutil.copy(
         units / "freshpool-integration@.service", units / "freshpool-integration@github.service"
     )
-    for unit in ("freshpool.service", "freshpool-integration@github.service"):
+    for unit in (
+        "freshpool-launcher.service",
+        "freshpool-api.service",
+        "freshpool-integration@github.service",
+    ):
         verify = ["systemd-analyze", "verify", str(units / unit)]
         verified = subprocess.run(verify, capture_output=True, text=True, timeout=60, check=False)
         assert verified.returncode == 0, verified.stderr

@@ -13,6 +13,10 @@ from typing import IO
 from freshpool.core.errors import Refused
 
 LOCK_FILE = "launcher.lock"
+# `serve --api-only`'s lock (serve/apionly.py): one API server per state directory,
+# as its CLIs find the API through the directory's api.url. It drives no provider,
+# so it leaves launcher.lock to a launcher.
+API_LOCK_FILE = "api.lock"
 # What `serve` writes into the lock file as its holder.
 SERVE = "freshpool serve"
 
@@ -22,11 +26,11 @@ class LauncherRunning(Refused):
 
 
 @contextmanager
-def trying(state_dir: Path, what: str) -> Iterator[str | None]:
+def trying(state_dir: Path, what: str, lock_file: str = LOCK_FILE) -> Iterator[str | None]:
     """Hold the lock while the block runs if it is free (the block gets None); else
     the block gets who holds it, and holds nothing."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed below
+    handle: IO[str] = open(state_dir / lock_file, "a+")  # noqa: SIM115 - closed below
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -46,19 +50,19 @@ def trying(state_dir: Path, what: str) -> Iterator[str | None]:
 
 
 @contextmanager
-def holding(state_dir: Path, what: str) -> Iterator[None]:
+def holding(state_dir: Path, what: str, lock_file: str = LOCK_FILE) -> Iterator[None]:
     """Hold the lock while the block runs; raise LauncherRunning, naming the holder,
     if another process has it."""
-    with trying(state_dir, what) as other:
+    with trying(state_dir, what, lock_file) as other:
         if other is not None:
             raise LauncherRunning(f"{other} already runs on {state_dir}")
         yield
 
 
-def holder(state_dir: Path) -> str | None:
+def holder(state_dir: Path, lock_file: str = LOCK_FILE) -> str | None:
     """Who holds the lock now (as it wrote itself: "pid N (what)"), or None."""
     try:
-        handle = open(state_dir / LOCK_FILE)  # noqa: SIM115 - closed below
+        handle = open(state_dir / lock_file)  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return None
     with handle:

@@ -114,3 +114,98 @@ def check_history(store: Store) -> dict[str, int]:
         "handed_out": handed,
         **{f"requests_{k}": v for k, v in requests.items()},
     }
+
+
+# --------------------------------------------------------------- fleet (tests/chaos/fleet.py)
+
+
+def one_driver_at_a_time(store: Store) -> int:
+    """No provider was driven by two launchers at once, from the history: in each
+    provider's events written under its fence, the generation never goes back (no
+    write of an older lease after a newer one's), each generation belongs to one
+    launcher, and that launcher is the one the lease history says took it. Returns
+    how many generations wrote."""
+    taken = {(p, g): owner for p, owner, g, _at, _before in store.lease_history()}
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT id, node_id, provider, launcher, generation FROM node_events"
+            " WHERE generation IS NOT NULL ORDER BY id"
+        ).fetchall()
+    newest: dict[str, tuple[int, int]] = {}
+    writers: dict[tuple[str, int], str] = {}
+    for event_id, node_id, provider, launcher, generation in rows:
+        seen = writers.setdefault((provider, generation), launcher)
+        if seen != launcher:
+            raise Violation(
+                f"provider {provider}: generation {generation} written by {seen} and {launcher}"
+            )
+        if taken.get((provider, generation)) != launcher:
+            raise Violation(
+                f"provider {provider}: event {event_id} (node {node_id}) by {launcher} at"
+                f" generation {generation}, which the lease history gives to"
+                f" {taken.get((provider, generation), 'nobody')}"
+            )
+        before = newest.get(provider)
+        if before is not None and generation < before[0]:
+            raise Violation(
+                f"provider {provider}: event {event_id} (node {node_id}) written at generation"
+                f" {generation} after event {before[1]} at generation {before[0]}"
+            )
+        if before is None or generation > before[0]:
+            newest[provider] = (generation, event_id)
+    return len(writers)
+
+
+def caps_held(store: Store, provider_max: dict[str, int], label_max: dict[str, int]) -> dict:
+    """Replaying births and removals in the order they committed: no provider ever had
+    more nodes than its max-nodes, no label more than its max-nodes. The most seen of
+    each, by name."""
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT node_id, from_state, to_state, label, provider FROM node_events"
+            " WHERE from_state IS NULL OR to_state IS NULL ORDER BY id"
+        ).fetchall()
+    count: dict[str, int] = defaultdict(int)
+    most: dict[str, int] = defaultdict(int)
+    for node_id, old, new, label, provider in rows:
+        step = 1 if old is None else -1 if new is None else 0
+        for key, cap in (
+            (f"provider:{provider}", provider_max.get(provider)),
+            (f"label:{label}", label_max.get(label)),
+        ):
+            count[key] += step
+            most[key] = max(most[key], count[key])
+            if cap is not None and count[key] > cap:
+                raise Violation(f"{key} had {count[key]} nodes (max-nodes {cap}) at node {node_id}")
+    return dict(most)
+
+
+def failovers(
+    store: Store, deaths: list[tuple[float, str]], limit: float
+) -> list[tuple[str, str, float]]:
+    """Each provider a launcher held when it died (time.time(), launcher) was taken
+    again, by anyone, within `limit` seconds. (launcher, provider, seconds) each."""
+    takes = store.lease_history()
+    found = []
+    for died, launcher in deaths:
+        held: dict[str, str] = {}
+        for provider, owner, _g, at, _before in takes:
+            if at <= died:
+                held[provider] = owner
+        for provider in sorted(p for p, owner in held.items() if owner == launcher):
+            after = [at for p, _o, _g, at, _b in takes if p == provider and at > died]
+            if not after:
+                raise Violation(
+                    f"provider {provider} of {launcher} never taken again after it died"
+                )
+            found.append((launcher, provider, after[0] - died))
+            if after[0] - died > limit:
+                near = [(o, g, round(at - died, 2)) for p, o, g, at, _b in takes
+                        if p == provider and abs(at - died) < 30]  # fmt: skip
+                raise Violation(
+                    f"provider {provider} of {launcher}: taken again {after[0] - died:.2f} s after"
+                    f" it died (limit {limit:.2f} s); its takes near then (owner, generation,"
+                    f" s after the death): {near}; deaths near then:"
+                    f" {[(n, round(t - died, 2)) for t, n in deaths if abs(t - died) < 30]}"
+                )
+    return found

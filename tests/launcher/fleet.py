@@ -10,13 +10,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from freshpool.config import Config, parse
+from freshpool.core.errors import AcquireTimeout
 from freshpool.core.states import BuildState
+from freshpool.dispatch import direct
 from freshpool.store import Store
 from tests.support import stop_group
 
@@ -33,7 +36,9 @@ class Fleet:
         build = self.store.new_build("img-1", "img", str(root / "no-layers"))
         self.store.build_transition(build.id, BuildState.BUILDING, BuildState.READY, "sim")
 
-    def config_text(self, name: str, api: bool = False) -> str:
+    def config_text(self, name: str, api: bool = False, quiet: bool = False) -> str:
+        """`name`'s config; `quiet`: its launcher passes only when woken (a change in
+        the store, an operation's next step), not on timers of its own."""
         providers = "".join(
             f"  - {{name: {cloud}, driver: sim, max-nodes: 10, boot-timeout: 5,"
             f" sim: {{latency: 0.05, path: {self.root / (cloud + '.db')}}}}}\n"
@@ -44,8 +49,8 @@ state-dir: {self.root / name}
 database-url: "{self.url}"
 launcher-id: {name}
 lease-ttl: {self.ttl}
-interval: 0.2
-cleanup-interval: 1
+interval: {600 if quiet else 0.2}
+cleanup-interval: {600 if quiet else 1}
 api: {{{"port: 0" if api else "enabled: false"}}}
 providers:
 {providers}
@@ -57,14 +62,33 @@ images: [{{name: img}}]
     def config(self, name: str) -> Config:
         return parse(self.config_text(name), f"{name}.yaml")
 
-    def start(self, name: str, api: bool = False) -> None:
+    def start(
+        self, name: str, api: bool = False, quiet: bool = False, source: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start launcher `name`; with `api`, its API process too (its URL in
-        `api_url(name)` once it listens)."""
+        `api_url(name)` once it listens); `quiet` as in `config_text`; `source`, the
+        `src` directory of another freshpool version to run instead of this one."""
         path = self.root / f"{name}.yaml"
-        path.write_text(self.config_text(name, api))
+        path.write_text(self.config_text(name, api, quiet))
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         self.launchers[name] = subprocess.Popen(
             [sys.executable, "-m", "freshpool", "serve", "--no-build", "-c", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(source)} if source else None,
+        )
+        log.close()
+        return self.launchers[name]
+
+    def start_api(self, name: str) -> None:
+        """Start `serve --api-only` as `name` (its URL in `api_url(name)` once it
+        listens); stopped and killed as a launcher is."""
+        path = self.root / f"{name}.yaml"
+        path.write_text(self.config_text(name, api=True))
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.launchers[name] = subprocess.Popen(
+            [sys.executable, "-m", "freshpool", "serve", "--api-only", "-c", str(path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -133,6 +157,54 @@ images: [{{name: img}}]
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
+
+
+class Jobs:
+    """CI jobs on a thread: take a node, give it back, again, until stopped; every
+    node any job got is kept, to show none went to two."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.config = fleet.config("client")
+        self.store = Store(fleet.url)
+        self.got: list[int] = []
+        self.errors: list[str] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                (node,) = direct.acquire(self.config, self.store, ["debian"], timeout=3.0)
+            except AcquireTimeout:  # no node in time
+                continue
+            self.got.append(node.id)
+            try:
+                self.store.release_set(node.id, "job done")
+            except Exception as exc:
+                self.errors.append(f"release of node {node.id}: {exc!r}")
+
+    def stop(self) -> list[int]:
+        self.done.set()
+        self.thread.join()
+        # Every acquire that gave up cancelled its request: no node is in use with
+        # nobody holding it.
+        stray = [n.id for n in self.store.nodes(["in-use"])]
+        self.store.close()
+        assert not stray, f"nodes {stray} in use with no job holding them"
+        return self.got
+
+
+def settled(fleet: Fleet, ready: int) -> bool:
+    """The pool is full and quiet: `ready` nodes, nothing else, and each live node's
+    instance and only those at the clouds."""
+    rows = fleet.store.nodes()
+    instances = fleet.instances()
+    return (
+        [r.state for r in rows] == ["ready"] * ready
+        and set(instances) == {r.external_id for r in rows}
+        and max(instances.values(), default=1) == 1
+    )
 
 
 def wait_for(

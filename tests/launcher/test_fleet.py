@@ -4,7 +4,6 @@ a lease TTL with no node leaked or handed out twice, and fleet-wide caps hold.""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,10 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from freshpool.core.errors import AcquireTimeout
-from freshpool.dispatch import direct
-from freshpool.store import Store
-from tests.launcher.fleet import Fleet, wait_for
+from tests.launcher.fleet import Fleet, Jobs, settled, wait_for
 from tests.store.pg import TempPostgres
 
 TTL = 4.0
@@ -34,54 +30,6 @@ def make_fleet(tmp_path: Path, postgres: TempPostgres) -> Iterator[type[Fleet]]:
     yield Made
     for fleet in made:
         fleet.stop()
-
-
-class Jobs:
-    """CI jobs on a thread: take a node, give it back, again, until stopped; every
-    node any job got is kept, to show none went to two."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.config = fleet.config("client")
-        self.store = Store(fleet.url)
-        self.got: list[int] = []
-        self.errors: list[str] = []
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.is_set():
-            try:
-                (node,) = direct.acquire(self.config, self.store, ["debian"], timeout=3.0)
-            except AcquireTimeout:  # no node in time
-                continue
-            self.got.append(node.id)
-            try:
-                self.store.release_set(node.id, "job done")
-            except Exception as exc:
-                self.errors.append(f"release of node {node.id}: {exc!r}")
-
-    def stop(self) -> list[int]:
-        self.done.set()
-        self.thread.join()
-        # Every acquire that gave up cancelled its request: no node is in use with
-        # nobody holding it.
-        stray = [n.id for n in self.store.nodes(["in-use"])]
-        self.store.close()
-        assert not stray, f"nodes {stray} in use with no job holding them"
-        return self.got
-
-
-def settled(fleet: Fleet, ready: int) -> bool:
-    """The pool is full and quiet: `ready` nodes, nothing else, and each live node's
-    instance and only those at the clouds."""
-    rows = fleet.store.nodes()
-    instances = fleet.instances()
-    return (
-        [r.state for r in rows] == ["ready"] * ready
-        and set(instances) == {r.external_id for r in rows}
-        and max(instances.values(), default=1) == 1
-    )
 
 
 def test_a_killed_launchers_providers_are_taken_over_within_a_ttl(

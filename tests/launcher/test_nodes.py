@@ -38,7 +38,7 @@ def test_a_pass_writes_its_launches_rows_at_once_before_any_instance(
     pool = make_pool(min_ready=4)
     launcher = pool.launcher()
     rows_at_create: list[int] = []
-    driver = launcher.drivers["local"]
+    driver = launcher.shared.configured["local"]
     create = driver.create
 
     def counting_create(spec: NodeSpec):  # type: ignore[no-untyped-def]
@@ -69,7 +69,7 @@ def test_used_node_is_deleted_and_replaced_never_reused(make_pool: Callable[...,
         ),
     )
     assert node.id not in {n.id for n in pool.store.nodes()}
-    driver = launcher.drivers["local"]
+    driver = launcher.shared.configured["local"]
     assert node.external_id not in {i.external_id for i in driver.list_instances()}
     history = [(e.from_state, e.to_state) for e in pool.store.events(node.id)]
     assert history[-3:] == [("in-use", "used"), ("used", "deleting"), ("deleting", None)]
@@ -107,7 +107,7 @@ def test_failing_ready_command_never_serves(make_pool: Callable[..., Pool]) -> N
     reasons = [e.reason for i in seen for e in pool.store.events(i) if e.to_state == "failed"]
     assert any("ready command exited 3" in r for r in reasons), reasons
     assert not any(e.to_state == "ready" for i in seen for e in pool.store.events(i))
-    assert launcher.drivers["local"].list_instances() == []
+    assert launcher.shared.configured["local"].list_instances() == []
 
 
 def test_restart_adopts_live_nodes_and_removes_the_rest(make_pool: Callable[..., Pool]) -> None:
@@ -118,7 +118,7 @@ def test_restart_adopts_live_nodes_and_removes_the_rest(make_pool: Callable[...,
     # A launch cut off mid-way by a crash: its row says building, the instance exists.
     build = pool.store.serving_build("debian-bookworm")
     row = pool.store.new_node("debian", "local", build.id, "debian")
-    driver = first.drivers["local"]
+    driver = first.shared.configured["local"]
     spec = NodeSpec(
         row.id,
         pool.store.cluster_id,
@@ -142,7 +142,7 @@ def test_restart_adopts_live_nodes_and_removes_the_rest(make_pool: Callable[...,
         lambda: row.id not in {n.id for n in pool.store.nodes()} and not second.leaks.deleting,
     )
     assert {n.id for n in pool.store.nodes(["ready"])} == ready_ids
-    live = {i.tags.node_id for i in second.drivers["local"].list_instances() if i.alive}
+    live = {i.tags.node_id for i in second.shared.configured["local"].list_instances() if i.alive}
     assert live == ready_ids
     reasons = [e.reason for e in pool.store.events(row.id) if e.to_state == "failed"]
     assert reasons == ["launcher restarted while the node was building"]

@@ -121,7 +121,7 @@ images: [{name: i}]
 
 def test_hung_create_times_out_and_its_leak_is_cleaned(tmp_path: Path) -> None:
     launcher = sim_launcher(tmp_path, SIM + "    sim: {timeout-rate: 1.0}\n", min_ready=1)
-    driver = launcher.drivers["sim"]
+    driver = launcher.shared.configured["sim"]
     run_until(
         launcher,
         lambda: any(e.to_state == "failed" for n in range(1, 4) for e in launcher.store.events(n)),
@@ -130,7 +130,7 @@ def test_hung_create_times_out_and_its_leak_is_cleaned(tmp_path: Path) -> None:
     reasons = [r for n in range(1, 4) for _, to, r in history(launcher, n) if to == "failed"]
     assert any("timed out" in r or "longer than" in r for r in reasons), reasons
     # Stop the faults: the pool recovers and no instance is left without a row.
-    launcher.drivers["sim"].settings = driver.settings.model_copy(update={"timeout_rate": 0.0})
+    driver.settings = driver.settings.model_copy(update={"timeout_rate": 0.0})
     run_until(
         launcher,
         lambda: (
@@ -175,7 +175,7 @@ def test_request_without_deadline_fails_after_request_timeout(tmp_path: Path) ->
 
 def test_unknown_instance_seen_twice_is_deleted(tmp_path: Path) -> None:
     launcher = sim_launcher(tmp_path, SIM, min_ready=0)
-    driver = launcher.drivers["sim"]
+    driver = launcher.shared.configured["sim"]
     stray = NodeSpec(4242, launcher.store.cluster_id, "debian", "stray", "img-1", ())
     driver.create(stray).wait(timeout=5)
     launcher.leaks.sweep()
@@ -187,7 +187,7 @@ def test_unknown_instance_seen_twice_is_deleted(tmp_path: Path) -> None:
 
 def test_lying_deletes_are_caught_by_the_sweep(tmp_path: Path) -> None:
     launcher = sim_launcher(tmp_path, SIM + "    sim: {lie-rate: 1.0}\n", min_ready=1)
-    driver = launcher.drivers["sim"]
+    driver = launcher.shared.configured["sim"]
     run_until(launcher, lambda: bool(launcher.store.nodes(["ready"])))
     (node,) = direct.acquire(launcher.config, launcher.store, ["debian"], timeout=5)
     launcher.store.release_set(node.id, "released")
@@ -268,7 +268,7 @@ def test_failing_deletes_trip_their_providers_breaker(tmp_path: Path) -> None:
     )
     launcher = sim_launcher(tmp_path, provider, min_ready=2)
     run_until(launcher, lambda: len(launcher.store.nodes(["ready"])) == 2)
-    driver = launcher.drivers["sim"]
+    driver = launcher.shared.configured["sim"]
     driver.settings = driver.settings.model_copy(update={"failure_rate": 1.0})
     for node in launcher.store.nodes(["ready"]):
         launcher.store.move(node.id, N.DELETING, "test: delete it")

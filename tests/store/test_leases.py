@@ -5,6 +5,7 @@ with connections of its own, as separate processes would have."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -53,6 +54,15 @@ def test_heartbeats_tell_the_live_launchers(store: Store) -> None:
     assert [r.id for r in store.live_launchers(30.0)] == ["b"]
 
 
+def test_a_heartbeat_forgets_launchers_long_unseen(store: Store) -> None:
+    store.heartbeat("dead", None)
+    time.sleep(0.2)
+    store.heartbeat("alive", None, forget_after=60.0)
+    assert [r.id for r in store.launcher_rows()] == ["alive", "dead"]
+    store.heartbeat("alive", None, forget_after=0.1)
+    assert [r.id for r in store.launcher_rows()] == ["alive"]
+
+
 def test_a_launcher_that_lost_its_lease_cannot_write_for_the_provider(store: Store) -> None:
     store.fencing = fenced(store, "a", "cloud")
     (node,) = store.new_nodes("debian", "cloud", "b1", "debian", 1)
@@ -68,6 +78,24 @@ def test_a_launcher_that_lost_its_lease_cannot_write_for_the_provider(store: Sto
         store.new_nodes("debian", "other", "b1", "debian", 1)
     store.fencing = None
     assert [(n.id, n.state, n.external_id) for n in store.nodes()] == [(node.id, "building", None)]
+
+
+def test_the_history_says_who_drove_a_provider_at_which_generation(store: Store) -> None:
+    store.fencing = fenced(store, "a", "cloud", ttl=0.0)
+    (node,) = store.new_nodes("debian", "cloud", "b1", "debian", 1)
+    store.fencing = fenced(store, "b", "cloud")
+    store.transition(node.id, N.BUILDING, N.TESTING, "up")
+    store.fencing = None
+    store.transition(node.id, N.TESTING, N.READY, "an unfenced write")
+    assert [(e.to_state, e.launcher, e.generation) for e in store.events(node.id)] == [
+        ("building", "a", 1),
+        ("testing", "b", 2),
+        ("ready", None, None),
+    ]
+    assert [(p, o, g, before) for p, o, g, _at, before in store.lease_history()] == [
+        ("cloud", "a", 1, ""),
+        ("cloud", "b", 2, "a"),
+    ]
 
 
 def test_room_caps_a_launch_in_its_own_transaction(store: Store) -> None:

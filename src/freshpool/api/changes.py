@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from freshpool.store import ChangeWatcher, Store
 
@@ -13,13 +14,17 @@ POLL = 0.1
 class ChangeFeed:
     """Watches the store's change counter from the event loop; waiters await a new version.
 
-    One cheap PRAGMA every POLL seconds serves every dashboard watching, instead of
-    each of them re-reading the tables.
+    One cheap look at the change counter serves every dashboard watching, instead of
+    each of them re-reading the tables: a PRAGMA every POLL seconds on SQLite; on
+    PostgreSQL the look comes when a NOTIFY reaches the listening socket.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.version = 0
+        # Called on the loop at each change (the scheduler, when other processes hand
+        # out too: see serve/__init__.py).
+        self.on_change: list[Callable[[], None]] = []
         self._changed: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -40,12 +45,14 @@ class ChangeFeed:
             while True:
                 if watcher.changed():
                     await self.bump()
-                await asyncio.sleep(POLL)
+                await _readable(watcher.fileno(), POLL)
         finally:
             watcher.close()
 
     async def bump(self) -> None:
         self.version += 1
+        for call in self.on_change:
+            call()
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()
@@ -60,3 +67,18 @@ class ChangeFeed:
                     self._changed.wait_for(lambda: self.version != since), timeout
                 )
         return self.version
+
+
+async def _readable(fd: int | None, timeout: float) -> None:
+    """Until `fd` has something to read, `timeout` seconds at most (no fd: sleep)."""
+    if fd is None:
+        await asyncio.sleep(timeout)
+        return
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    loop.add_reader(fd, ready.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready.wait(), timeout)
+    finally:
+        loop.remove_reader(fd)

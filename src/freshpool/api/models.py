@@ -270,6 +270,7 @@ class LauncherOut(BaseModel):
 
     id: str
     seen_ago: float = Field(description="Seconds since its last heartbeat.")
+    live: bool = Field(description="Seen within one lease TTL; dead launchers hold no lease.")
     may_drive: list[str] | None
     leases: list[LeaseOut]
 

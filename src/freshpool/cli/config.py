@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from freshpool.cli.app import (
     ConfigOpt,
@@ -68,33 +69,51 @@ def _say_limits(config: Config) -> None:
 def config_reload(config_path: ConfigOpt = None) -> None:
     """Check the config file, then have the running `serve` take it (as SIGHUP does):
     it reads the file it was started with, and says whether it took it."""
+    from freshpool import launcherlock
+    from freshpool.config import load
+    from freshpool.serve.apionly import RELOAD_FILE
+    from freshpool.serve.reload import RESULT_FILE
+
+    config = load(config_path)
+    # serve, and serve --api-only, on this state directory: each reloads on its own.
+    running = []
+    if launcherlock.serve_runs(config.state_dir):
+        running.append(("serve", launcherlock.holder(config.state_dir), RESULT_FILE))
+    api = launcherlock.holder(config.state_dir, launcherlock.API_LOCK_FILE)
+    if api is not None:
+        running.append(("serve --api-only", api, RELOAD_FILE))
+    if not running:
+        raise Exit(f"no `freshpool serve` runs on {config.state_dir}", 1)
+    refused = []
+    for name, held, result_file in running:
+        answer = _reload_one(config.state_dir / result_file, int(str(held).split()[1]))
+        if answer is None:
+            raise Exit(f"{name} did not answer within 60 s; see its log", 1)
+        if not answer["ok"] and not answer["message"].startswith("unchanged"):
+            refused.append(f"{name}: {answer['message']}")
+        else:
+            out.print(f"{name}: {answer['message']}", highlight=False)
+    if refused:
+        raise Exit("\n".join(refused), 1)
+
+
+def _reload_one(result: Path, pid: int) -> dict[str, Any] | None:
+    """SIGHUP `pid` and wait for its answer in `result` (None: none within 60 s)."""
     import json
     import os
     import signal
     import time
 
-    from freshpool import launcherlock
-    from freshpool.config import load
-    from freshpool.serve.reload import RESULT_FILE
-
-    config = load(config_path)
-    held = launcherlock.holder(config.state_dir)
-    if held is None or not launcherlock.serve_runs(config.state_dir):
-        raise Exit(f"no `freshpool serve` runs on {config.state_dir}", 1)
-    result = config.state_dir / RESULT_FILE
     asked = time.time()
-    os.kill(int(held.split()[1]), signal.SIGHUP)
+    os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if result.exists() and result.stat().st_mtime >= asked - 1:
             answer = json.loads(result.read_text())
             if answer.get("at", 0) >= asked:
-                if not answer["ok"] and not answer["message"].startswith("unchanged"):
-                    raise Exit(f"serve: {answer['message']}", 1)
-                out.print(f"serve: {answer['message']}", highlight=False)
-                return
+                return dict(answer)
         time.sleep(0.1)
-    raise Exit("serve did not answer within 60 s; see its log", 1)
+    return None
 
 
 @config_app.command("default")

@@ -53,6 +53,6 @@ def init(
     out.print(
         f"next: edit {config_dir / 'freshpool.yaml'}, then `freshpool doctor -c "
         f"{config_dir / 'freshpool.yaml'}` and `systemctl daemon-reload && systemctl enable "
-        "--now freshpool`",
+        "--now freshpool-launcher` (an API server on another host: freshpool-api)",
         highlight=False,
     )

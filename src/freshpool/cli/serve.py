@@ -14,11 +14,23 @@ from freshpool.cli.app import ConfigOpt, Exit, app, checked_drivers, err, friend
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from freshpool import serve as serving
     from freshpool.config import Config
     from freshpool.serve.reload import Reloader
     from freshpool.store import Store
+
+
+ApiOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--api-only",
+        help="Serve only the API, the dashboard and the request scheduler against the"
+        " fleet's PostgreSQL (database-url), on any host: no launcher, no provider"
+        " driven, no root needed.",
+    ),
+]
 
 
 @app.command()
@@ -32,6 +44,7 @@ def serve(
             " with --no-build only `freshpool image build` requests are built."
         ),
     ] = True,
+    api_only: ApiOnlyOpt = False,
 ) -> None:
     """Run the launcher: keep min-ready nodes per label ready, delete used ones."""
     from freshpool import launcherlock, logs
@@ -42,6 +55,9 @@ def serve(
 
     config = load(config_path)
     logs.setup(config.log_level)
+    if api_only:
+        _api_only(config, config_path)
+        return
     if os.geteuid() != 0:
         raise Exit(
             "`freshpool serve` must run as root: local nodes need mounts and network namespaces", 3
@@ -101,6 +117,45 @@ def _run(config: Config, store: Store, build: bool, stop: threading.Event,
         running.stop()
         raise
     return running
+
+
+def _api_only(config: Config, config_path: Path | None) -> None:
+    """`serve --api-only`, reloading its config on SIGHUP as serve does."""
+    from freshpool import logs
+    from freshpool.serve import apionly
+    from freshpool.serve.reload import Reloader, api_unchanged
+
+    def on_url(url: str) -> None:
+        err.print(f"API and dashboard (api-only) at {url}; database {_safe(config)}")
+
+    listener = None
+    with apionly.opened(config) as store:
+        while True:
+            stop = _stop_on_signals()
+            reloader = Reloader(config_path, config, stop, apionly.RELOAD_FILE)
+            signal.signal(signal.SIGHUP, _reload_on(reloader))
+            try:
+                listener = apionly.serve(config, store, stop, listener, on_url)
+            finally:
+                reloader.close()
+            new = reloader.next
+            if new is None or not api_unchanged(config, new):
+                listener.close()
+                listener = None
+            if new is None:
+                return
+            config = new
+            logs.setup(config.log_level)
+
+
+def _safe(config: Config) -> str:
+    """The database URL without its password, for the log."""
+    from sqlalchemy.engine import make_url
+
+    from freshpool.store import db
+
+    url = db.url_for(config.state_dir, config.database_url)
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _reload_on(reloader: Reloader) -> Callable[[int, Any], None]:

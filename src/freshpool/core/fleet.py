@@ -8,6 +8,14 @@ import hashlib
 from collections import Counter
 from collections.abc import Collection, Mapping
 
+# A launcher not seen for this many lease TTLs is removed from the store (and so from
+# /status, which shows it as dead from one TTL on): long enough to notice it died.
+FORGET_TTLS = 10.0
+# The lease of the fleet's image builder, in the providers' lease table: one launcher
+# builds, uploads and validates images for the fleet at a time. No provider can
+# have this name (names start with a letter or digit).
+BUILDER_LEASE = "@images"
+
 
 def score(provider: str, launcher: str) -> int:
     """The rendezvous hash of a (provider, launcher) pair: stable across processes

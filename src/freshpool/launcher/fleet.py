@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from freshpool.core.fleet import assign
+from freshpool.core.fleet import FORGET_TTLS, assign
 from freshpool.launcher.context import Shared
 from freshpool.store import Fencing
 
@@ -63,7 +63,7 @@ class LeaseController:
             return
         self._next = now + self.ttl / PASSES_PER_TTL
         store = self.shared.store
-        store.heartbeat(self.me, self.may_drive)
+        store.heartbeat(self.me, self.may_drive, forget_after=FORGET_TTLS * self.ttl)
         held = self.fencing.held()
         if held:
             for provider in sorted(set(held) - store.renew_leases(self.me, held, self.ttl)):

@@ -4,6 +4,13 @@ Each pass it starts a due build (in a worker thread: builds take minutes),
 validates finished builds on a fresh node, keeps the uploads (uploads.py) and
 collects the garbage (garbage.py). Everything but the build itself is a
 non-blocking driver operation advanced here, so one thread drives it all.
+
+With several launchers on one database, the image work is one launcher's at a
+time: the one holding the builder lease (core/fleet.BUILDER_LEASE), taken by any
+launcher that builds on its own (not `--no-build`) and taken over within a lease
+TTL when its holder dies. The builds live on the holder's disk; its uploads put
+them where the other launchers' providers launch them. The taker fails the builds
+its predecessor left running, as a launcher starting alone does.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freshpool.core.errors import StaleState
+from freshpool.core.fleet import BUILDER_LEASE
 from freshpool.core.states import BuildState, UploadState
 from freshpool.launcher import builds
 from freshpool.launcher.context import Shared
@@ -61,27 +69,36 @@ class ImageController:
         self.base_cache = base_cache
         self.wake = wake
         self.cancel = threading.Event()
-        self.uploads = Uploads(shared.config, shared.store, shared.drivers, wake)
+        # Every provider this host can drive, leased or not: in a fleet the builder
+        # uploads for the providers the other launchers drive too.
+        self.uploads = Uploads(shared.config, shared.store, shared.configured, wake)
         self.garbage = Garbage(shared.config, shared.store, self.uploads)
         self._worker: _Worker | None = None
         self._validations: dict[str, tuple[str, Validation]] = {}
         self._next_plan = 0.0
+        # The builder lease's generation while this launcher holds it (fleets only).
+        self._lease: int | None = None
+        self._next_lease = 0.0
 
     # ------------------------------------------------------------------ the pass
 
     def start(self) -> None:
-        # Only one process builds on a state dir (the launcher lock), so a build left
-        # `building` belongs to a process that is gone. `validating` ones are simply
-        # validated again.
-        builds.fail_interrupted(
-            self.store, f"{builds.INTERRUPTED}: freshpool stopped during the build"
-        )
+        if not self.shared.leased:
+            self._recover("freshpool stopped during the build")
+
+    def _recover(self, why: str) -> None:
+        # Only one process builds on a state dir (the launcher lock), and one in a
+        # fleet (the builder lease), so a build left `building` belongs to a process
+        # that is gone. `validating` ones are simply validated again.
+        builds.fail_interrupted(self.store, f"{builds.INTERRUPTED}: {why}")
         self.garbage.layers.sweep_scratch()
         self.garbage.layers.empty_trash()
 
     def tick(self) -> None:
         """One pass; never blocks on a build, an upload or a node."""
         self._reap_worker()
+        if not self._builds_here():
+            return
         self._advance()
         self.uploads.advance()
         now = time.monotonic()
@@ -95,8 +112,38 @@ class ImageController:
             self.garbage.replace_retired_ready_nodes()
 
     def due(self) -> float:
+        if self.shared.leased and self._lease is None:
+            return self._next_lease if self.automatic else float("inf")
         ops = [op.not_before for _, op in self._validations.values()]
-        return min([self._next_plan, self.uploads.not_before(), *ops])
+        lease = [self._next_lease] if self._lease is not None else []
+        return min([self._next_plan, self.uploads.not_before(), *ops, *lease])
+
+    def _builds_here(self) -> bool:
+        """Whether this launcher does the image work: always alone; in a fleet, while
+        it holds the builder lease (renewed, or taken when free, every tenth TTL)."""
+        if not self.shared.leased:
+            return True
+        if not self.automatic:
+            return False  # `--no-build`: the fleet's builder builds
+        now = time.monotonic()
+        if now < self._next_lease:
+            return self._lease is not None
+        ttl = self.config.lease_ttl
+        self._next_lease = now + ttl / 10
+        me = self.config.launcher_name
+        if self._lease is not None and not self.store.renew_leases(
+            me, {BUILDER_LEASE: self._lease}, ttl
+        ):
+            log.warning("image builds: the builder lease was lost; another launcher builds")
+            self._lease = None
+            self.cancel.set()  # a build under way fails as interrupted
+        if self._lease is None:
+            self._lease = self.store.take_lease(BUILDER_LEASE, me, ttl)
+            if self._lease is not None:
+                log.info("image builds: this launcher builds for the fleet")
+                self.cancel.clear()
+                self._recover("the fleet's previous image builder stopped during the build")
+        return self._lease is not None
 
     @property
     def busy(self) -> bool:
@@ -113,6 +160,9 @@ class ImageController:
             left = 30.0 if deadline is None else deadline - time.monotonic()
             self._worker.thread.join(max(0.0, left))
             self._reap_worker()
+        if self._lease is not None:
+            self.store.release_lease(BUILDER_LEASE, self.config.launcher_name, self._lease)
+            self._lease = None
 
     # ------------------------------------------------------------------ building
 
@@ -172,10 +222,14 @@ class ImageController:
             if image is None:
                 self._finish_validation(build, Verdict(False, "no longer in the config", 0.0))
                 continue
-            targets = self.uploads.targets(image.name)
+            # A validation node is launched as any node is: on a provider this
+            # launcher drives (in a fleet, one it holds the lease of).
+            targets = [p for p in self.uploads.targets(image.name) if p in self.shared.drivers]
             if not targets:
                 self.shared.warn_once(
-                    f"validate:{build.id}", f"build {build.id}: no provider to validate on"
+                    f"validate:{build.id}",
+                    f"build {build.id}: no provider to validate on"
+                    " (none this launcher drives launches the image)",
                 )
                 continue
             provider = targets[0]

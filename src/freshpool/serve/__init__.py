@@ -14,7 +14,8 @@ latency.
 
 Every wake-up, and what it is for:
 
-  1. The store's change counter (store/changes.py). Any process's commit moves it.
+  1. The store's change counter (store/changes.py): SQLite's data_version, or a
+     LISTEN for PostgreSQL's NOTIFY. Any process's commit moves it.
      - The Runner polls it while it sleeps: a release, a new request or a CLI's
        change starts a launcher pass within milliseconds.
      - A CLI's direct acquire (dispatch/direct.py) polls it while it waits.
@@ -32,6 +33,13 @@ Every wake-up, and what it is for:
      event streams on a request that is no longer pending are woken.
   5. The Runner's wake (launcher/runner.py): b"wake" from the API process, and the
      image controller's build thread when a build ends.
+
+With several API servers on one PostgreSQL (`serve --api-only`, serve/apionly.py)
+there is no link between a launcher and the other servers. The store's NOTIFY
+(migration 0008) stands in for it: the change counter on PostgreSQL is a LISTEN, so
+wake-ups 1 reach every process, and every scheduler there also passes on each
+change (in place of b"pass"), while the launchers' Runners take a new request or a
+release from it (in place of b"wake").
 
 The API process exits when its end of the link reads EOF, so it never outlives
 `serve`; the supervisor starts a new one when it dies, on the same listening

@@ -15,13 +15,15 @@ import socket
 import threading
 from collections.abc import Callable
 
+from sqlalchemy.exc import OperationalError
+
 from freshpool import logs
 from freshpool.api.app import create_app
 from freshpool.api.server import ApiServer
 from freshpool.api.services import Services
 from freshpool.config import Config
 from freshpool.dispatch.scheduler import Scheduler
-from freshpool.serve.link import FAILED, PASS, UP, WAKE, Link
+from freshpool.serve.link import FAILED, PASS, UNREACHABLE, UP, WAKE, Link
 from freshpool.store import Store
 
 # Allocations between young collections, and young (then middle) collections between
@@ -39,7 +41,13 @@ def main(config: Config, listener: socket.socket | None, end: socket.socket) -> 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup(config.log_level)
     link = Link(end)
-    store = Store.open(config.state_dir, config.database_url)
+    try:
+        store = Store.open(config.state_dir, config.database_url)
+    except OperationalError as exc:
+        # A database down or cut off for a moment: the launcher tries again.
+        link.send(UNREACHABLE + b" " + str(exc.orig or exc).encode())
+        link.close()
+        return
     try:
         try:
             serving = Serving(config, store, listener, wake=lambda: link.send(WAKE))
@@ -67,6 +75,11 @@ class Serving:
         store.checkpoint_in_background()
         self.scheduler = Scheduler(config, store, short=wake)
         self.services = Services(config, store, self.scheduler, wake=wake)
+        if store.shared_by_launchers:
+            # Other API servers (serve --api-only) and launchers of the fleet hand out
+            # and release too: a change anyone commits is this scheduler's cue to pass
+            # (newly ready nodes; waiters of requests served elsewhere).
+            self.services.changes.on_change.append(self.scheduler.poke)
         self.server: ApiServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -94,6 +107,8 @@ class Serving:
         if self.server is not None:
             self.server.stop()
         if self._loop is not None and self._thread is not None:
-            for task in asyncio.all_tasks(self._loop):
-                self._loop.call_soon_threadsafe(task.cancel)
+            # RuntimeError: the loop has ended already (its scheduler died of an error).
+            with contextlib.suppress(RuntimeError):
+                for task in asyncio.all_tasks(self._loop):
+                    self._loop.call_soon_threadsafe(task.cancel)
             self._thread.join(timeout=30)

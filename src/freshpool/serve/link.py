@@ -7,6 +7,8 @@ import contextlib
 import socket
 
 PASS, UP, FAILED, WAKE = b"pass", b"up", b"failed", b"wake"
+# The API process could not reach the database: worth another try, unlike FAILED.
+UNREACHABLE = b"unreachable"
 # Longest message: a start-up failure's text.
 MAX_MESSAGE = 65536
 

@@ -8,7 +8,8 @@ way SIGTERM does (launches in flight undone, ready and in-use nodes kept), and
 serve starts again on it at once: the new run adopts every node, the API keeps its
 listening socket when its address is unchanged, so clients wait rather than fail.
 
-The outcome is written to <state-dir>/reload.json for `config reload` to show.
+The outcome is written to <state-dir>/reload.json (reload-api.json for
+`serve --api-only`, which reloads the same way) for `config reload` to show.
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ _RESTART_ONLY = ("state_dir", "database_url")
 
 
 class Reloader:
-    def __init__(self, path: Path | None, current: Config, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        current: Config,
+        stop: threading.Event,
+        result_file: str = RESULT_FILE,
+    ) -> None:
         self.path = path
+        self.result_file = result_file
         self.current = current
         self.stop = stop
         self.next: Config | None = None
@@ -78,7 +86,7 @@ class Reloader:
     def _report(self, ok: bool, message: str) -> None:
         (log.info if ok else log.warning)("config reload: %s", message)
         result = {"at": time.time(), "ok": ok, "message": message}
-        (self.current.state_dir / RESULT_FILE).write_text(json.dumps(result) + "\n")
+        (self.current.state_dir / self.result_file).write_text(json.dumps(result) + "\n")
 
 
 def _new_providers_problem(current: Config, new: Config) -> str | None:

@@ -14,7 +14,7 @@ from freshpool.config import Config
 from freshpool.core.backoff import API_RESTART
 from freshpool.core.errors import Unavailable
 from freshpool.serve import apiprocess
-from freshpool.serve.link import FAILED, PASS, UP, WAKE, Link, pair
+from freshpool.serve.link import FAILED, PASS, UNREACHABLE, UP, WAKE, Link, pair
 
 log = logging.getLogger("freshpool.serve")
 # An API process that lived this long died of old age, not of a fault at start.
@@ -23,6 +23,10 @@ YOUNG = 10.0
 
 class StartError(Unavailable):
     """The API process did not come up."""
+
+
+class DatabaseUnreachable(StartError):
+    """The API process could not connect to the database."""
 
 
 class ApiProcess:
@@ -41,8 +45,22 @@ class ApiProcess:
         self._deaths = 0
 
     def start(self, timeout: float = 120.0) -> None:
-        """Start it; return once the API answers. Raises StartError."""
-        self._spawn(timeout)
+        """Start it; return once the API answers. Raises StartError: at once for a
+        fault of its own, after `timeout` for a database it cannot reach (a launcher
+        starting while its database is failing over waits for it)."""
+        deadline = time.monotonic() + timeout
+        tries = 0
+        while True:
+            try:
+                self._spawn(max(1.0, deadline - time.monotonic()))
+                break
+            except DatabaseUnreachable as exc:
+                tries += 1
+                delay = API_RESTART.delay(tries)
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: trying again in %.0f s", exc, delay)
+                time.sleep(delay)
         self._supervisor = threading.Thread(target=self._supervise, name="api-process", daemon=True)
         self._supervisor.start()
 
@@ -90,6 +108,9 @@ class ApiProcess:
             link.close()
             process.kill()
             process.join(10)
+            if first.startswith(UNREACHABLE):
+                why = first.removeprefix(UNREACHABLE).strip().decode(errors="replace")
+                raise DatabaseUnreachable(f"the API process cannot reach the database: {why}")
             why = first.removeprefix(FAILED).strip().decode(errors="replace")
             raise StartError(
                 f"the API process did not start: {why}"

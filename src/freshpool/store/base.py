@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from freshpool.core.errors import WriteBusy
 from freshpool.store import db
 from freshpool.store.changes import ChangeWatcher
-from freshpool.store.fencing import Fencing
+from freshpool.store.fencing import Fence, Fencing
 from freshpool.store.schema import meta
 
 
@@ -120,13 +120,11 @@ class StoreBase:
         with self._reader.connect() as conn:
             yield conn
 
-    def _fence_providers(self, conn: Connection, providers: Collection[str]) -> None:
-        if self.fencing is not None:
-            self.fencing.check(conn, providers)
+    def _fence_providers(self, conn: Connection, providers: Collection[str]) -> Fence:
+        return self.fencing.check(conn, providers) if self.fencing is not None else {}
 
-    def _fence_nodes(self, conn: Connection, node_ids: Collection[int]) -> None:
-        if self.fencing is not None:
-            self.fencing.check_nodes(conn, node_ids)
+    def _fence_nodes(self, conn: Connection, node_ids: Collection[int]) -> Fence:
+        return self.fencing.check_nodes(conn, node_ids) if self.fencing is not None else {}
 
     def _cluster_id(self) -> str:
         with self._write() as conn:

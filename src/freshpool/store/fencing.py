@@ -9,12 +9,15 @@ the check fails, the transaction rolls back, and the caller gets LeaseLost.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from sqlalchemy import Connection, select
 
 from freshpool.core.errors import LeaseLost
 from freshpool.store.schema import nodes, provider_leases
+
+# What a fenced write held: provider -> (launcher, generation); its events record it.
+Fence = Mapping[str, tuple[str, int]]
 
 
 class Fencing:
@@ -37,13 +40,14 @@ class Fencing:
         with self._lock:
             return dict(self._held)
 
-    def check(self, conn: Connection, providers: Collection[str]) -> None:
+    def check(self, conn: Connection, providers: Collection[str]) -> Fence:
         """Raise LeaseLost unless every one of `providers` is still ours at our
-        generation. The lease rows are share-locked until the transaction ends, so
-        no takeover can commit between this check and the caller's write."""
+        generation; what we hold them at. The lease rows are share-locked until the
+        transaction ends, so no takeover can commit between this check and the
+        caller's write."""
         wanted = sorted(set(providers))
         if not wanted:
-            return
+            return {}
         held = self.held()
         query = (
             select(
@@ -63,10 +67,11 @@ class Fencing:
                     f"provider {provider!r}: lease generation {held[provider]} of launcher"
                     f" {self.owner} was superseded (now {owner}, generation {generation})"
                 )
+        return {provider: (self.owner, held[provider]) for provider in wanted}
 
-    def check_nodes(self, conn: Connection, node_ids: Collection[int]) -> None:
+    def check_nodes(self, conn: Connection, node_ids: Collection[int]) -> Fence:
         """`check` for the providers of these nodes (a node's provider never changes)."""
         if not node_ids:
-            return
+            return {}
         query = select(nodes.c.provider).where(nodes.c.id.in_(sorted(set(node_ids)))).distinct()
-        self.check(conn, [p for (p,) in conn.execute(query)])
+        return self.check(conn, [p for (p,) in conn.execute(query)])

@@ -189,8 +189,17 @@ def _insert(conn: Connection, new: Sequence[NewRequest], now: float) -> list[Req
 
 
 def _pending(conn: Connection) -> list[RequestRow]:
-    """Pending requests, oldest first."""
-    return [RequestRow(**row) for row in run(conn, PENDING, {}).rows]
+    """Pending requests, oldest first; on PostgreSQL only those no other hand-out has.
+
+    Several API servers hand out at once there, each with its own scheduler. Without
+    the lock, two would read the same pending request, claim different nodes for it,
+    and the second's settle would roll its whole batch back (or, settling in another
+    order, deadlock with it). SKIP LOCKED gives each the requests the others are not
+    serving, and it never waits, so hand-outs cannot deadlock one another: a request
+    skipped here is served by the hand-out holding it, or by the next pass.
+    """
+    query = PENDING_UNCLAIMED if conn.dialect.name == "postgresql" else PENDING
+    return [RequestRow(**row) for row in run(conn, query, {}).rows]
 
 
 def _ready(conn: Connection, providers: Sequence[str], demand: Counter[str]) -> Ready:
@@ -331,6 +340,7 @@ def _as_claimed(
 
 
 # Built once: building a statement costs more than running it.
+PENDING_UNCLAIMED = PENDING.with_for_update(skip_locked=True)
 _QUEUE = insert(requests).returning(requests.c.id, sort_by_parameter_order=True)
 _READY_ROWS = (
     select(nodes)

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from freshpool.store.base import StoreBase
-from freshpool.store.schema import launchers, provider_leases
+from freshpool.store.schema import launchers, lease_takes, provider_leases
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,18 @@ def db_now(conn: Connection) -> float:
 
 
 class LeaseQueries(StoreBase):
-    def heartbeat(self, launcher: str, providers: Collection[str] | None) -> float:
+    def heartbeat(
+        self, launcher: str, providers: Collection[str] | None, forget_after: float | None = None
+    ) -> float:
         """Say `launcher` is alive (and which providers it may drive); returns the
-        database's time."""
+        database's time. With `forget_after`, launchers not seen for that many
+        seconds are removed: one killed never says it leaves, and the live ones are
+        the ones left to clear its row."""
         serves = sorted(providers) if providers is not None else None
         with self._write() as conn:
             now = db_now(conn)
+            if forget_after is not None:
+                conn.execute(delete(launchers).where(launchers.c.seen_at < now - forget_after))
             changed = conn.execute(
                 update(launchers)
                 .where(launchers.c.id == launcher)
@@ -84,6 +90,11 @@ class LeaseQueries(StoreBase):
             query = select(launchers).order_by(launchers.c.id)
             return [LauncherRow(**row._mapping) for row in conn.execute(query)]
 
+    def fleet_now(self) -> float:
+        """The time leases and heartbeats are written in (the database's clock)."""
+        with self._read() as conn:
+            return db_now(conn)
+
     def leases(self) -> dict[str, LeaseRow]:
         with self._read() as conn:
             rows = conn.execute(select(provider_leases).order_by(provider_leases.c.provider))
@@ -111,6 +122,7 @@ class LeaseQueries(StoreBase):
                             renewed_at=now,
                         )
                     )
+                    _taken(conn, provider, owner, 1, now, "")
                     return 1
                 if row.owner != owner and row.expires_at > now:
                     return None
@@ -129,9 +141,22 @@ class LeaseQueries(StoreBase):
                         renewed_at=now,
                     )
                 )
+                _taken(conn, provider, owner, generation, now, row.owner)
                 return generation
         except IntegrityError:  # another launcher inserted the first row meanwhile
             return None
+
+    def lease_history(self) -> list[tuple[str, str, int, float, str]]:
+        """Every take, oldest first: (provider, owner, generation, at, previous owner)."""
+        with self._read() as conn:
+            query = select(
+                lease_takes.c.provider,
+                lease_takes.c.owner,
+                lease_takes.c.generation,
+                lease_takes.c.at,
+                lease_takes.c.previous,
+            ).order_by(lease_takes.c.id)
+            return [(p, o, g, at, before) for p, o, g, at, before in conn.execute(query)]
 
     def renew_leases(self, owner: str, held: dict[str, int], ttl: float) -> set[str]:
         """Extend each lease `owner` holds at the generation given; the providers it
@@ -165,3 +190,13 @@ class LeaseQueries(StoreBase):
                 )
                 .values(expires_at=0.0)
             )
+
+
+def _taken(
+    conn: Connection, provider: str, owner: str, generation: int, at: float, previous: str
+) -> None:
+    conn.execute(
+        insert(lease_takes).values(
+            provider=provider, owner=owner, generation=generation, at=at, previous=previous
+        )
+    )

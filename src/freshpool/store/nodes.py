@@ -14,6 +14,7 @@ from freshpool.core import states
 from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState
 from freshpool.store.base import StoreBase, cas_statement
+from freshpool.store.fencing import Fence
 from freshpool.store.room import Room, fit
 from freshpool.store.schema import node_events, nodes
 
@@ -51,6 +52,9 @@ class EventRow:
     label: str | None = None
     provider: str | None = None
     tenant: str | None = None
+    # Who wrote it, for the launcher's fenced writes (None otherwise, and before 0009).
+    launcher: str | None = None
+    generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class NodeQueries(StoreBase):
             "state_at": now,
         }
         with self._write() as conn:
-            self._fence_providers(conn, [provider])
+            fence = self._fence_providers(conn, [provider])
             if room is not None:
                 count = fit(conn, label, provider, count, room)
                 if count <= 0:
@@ -113,7 +117,8 @@ class NodeQueries(StoreBase):
                 [{"node": r.id, "name": n} for r, n in zip(inserted, names, strict=True)],
             )
             launched = f"launch on {provider}"
-            _events(conn, [(NodeRow(**r._mapping), None, state, launched) for r in inserted], now)
+            born = [(NodeRow(**r._mapping), None, state, launched) for r in inserted]
+            _events(conn, born, now, fence)
         return [
             NodeRow(**{**r._mapping, "hostname": n}) for r, n in zip(inserted, names, strict=True)
         ]
@@ -128,7 +133,7 @@ class NodeQueries(StoreBase):
             return []
         now = self.clock()
         with self._write() as conn:
-            self._fence_nodes(conn, [m.node_id for m in moves])
+            fence = self._fence_nodes(conn, [m.node_id for m in moves])
             results = [_compare_and_set(conn, move, now) for move in moves]
             _events(
                 conn,
@@ -138,6 +143,7 @@ class NodeQueries(StoreBase):
                     if isinstance(r, NodeRow)
                 ],
                 now,
+                fence,
             )
         return results
 
@@ -262,7 +268,7 @@ class NodeQueries(StoreBase):
 
     def record_delete_failure(self, node_id: int, error: str, retry_at: float) -> None:
         with self._write() as conn:
-            self._fence_nodes(conn, [node_id])
+            fence = self._fence_nodes(conn, [node_id])
             row = conn.execute(
                 update(nodes)
                 .where(nodes.c.id == node_id, nodes.c.state == NodeState.DELETING)
@@ -277,7 +283,7 @@ class NodeQueries(StoreBase):
                 return
             why = f"delete failed, will retry: {error}"
             gone = NodeState.DELETING
-            _events(conn, [(NodeRow(**row._mapping), gone, gone, why)], self.clock())
+            _events(conn, [(NodeRow(**row._mapping), gone, gone, why)], self.clock(), fence)
 
     def remove_node(self, node_id: int, reason: str) -> None:
         """Drop a node's row; only a node in `deleting` whose instance is confirmed gone."""
@@ -294,7 +300,7 @@ class NodeQueries(StoreBase):
         results: list[StaleState | None] = []
         removed: list[tuple[NodeRow, str | None, str | None, str]] = []
         with self._write() as conn:
-            self._fence_nodes(conn, [node_id for node_id, _ in removals])
+            fence = self._fence_nodes(conn, [node_id for node_id, _ in removals])
             for node_id, why in removals:
                 row = conn.execute(_REMOVE, {"node": node_id}).first()
                 if row is not None:
@@ -302,7 +308,7 @@ class NodeQueries(StoreBase):
                     removed.append((NodeRow(**row._mapping), NodeState.DELETING, None, why))
                     continue
                 results.append(_stale(conn, node_id, NodeState.DELETING))
-            _events(conn, removed, now)
+            _events(conn, removed, now, fence)
         return results
 
     def events(self, node_id: int) -> list[EventRow]:
@@ -338,13 +344,22 @@ EVENT = insert(node_events).values(
     label=bindparam("ev_label"),
     provider=bindparam("ev_provider"),
     tenant=bindparam("ev_tenant"),
+    launcher=bindparam("ev_launcher"),
+    generation=bindparam("ev_generation"),
 )
 
 
 def event_params(
-    node: NodeRow, at: float, old: str | None, new: str | None, why: str
+    node: NodeRow,
+    at: float,
+    old: str | None,
+    new: str | None,
+    why: str,
+    fence: Fence | None = None,
 ) -> dict[str, Any]:
-    """One EVENT's parameters: the move, and what the node was (its row as the move left it)."""
+    """One EVENT's parameters: the move, what the node was (its row as the move left
+    it), and the lease a fenced write held on its provider."""
+    launcher, generation = (fence or {}).get(node.provider, (None, None))
     return {
         "node": node.id,
         "at": at,
@@ -354,16 +369,23 @@ def event_params(
         "ev_label": node.label,
         "ev_provider": node.provider,
         "ev_tenant": node.tenant,
+        "ev_launcher": launcher,
+        "ev_generation": generation,
     }
 
 
 def _events(
-    conn: Connection, events: Sequence[tuple[NodeRow, str | None, str | None, str]], at: float
+    conn: Connection,
+    events: Sequence[tuple[NodeRow, str | None, str | None, str]],
+    at: float,
+    fence: Fence | None = None,
 ) -> None:
-    """History: (node row, from state, to state, why) each, all at `at`, in one statement."""
+    """History: (node row, from state, to state, why) each, all at `at`, in one
+    statement, with the lease the write was fenced by."""
     if events:
         conn.execute(
-            EVENT, [event_params(node, at, old, new, why) for node, old, new, why in events]
+            EVENT,
+            [event_params(node, at, old, new, why, fence) for node, old, new, why in events],
         )
 
 

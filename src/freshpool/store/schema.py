@@ -159,6 +159,11 @@ node_events = Table(
     Column("label", String(64)),
     Column("provider", String(64)),
     Column("tenant", String(64)),
+    # The launcher whose fenced write this was and the lease generation it held on the
+    # node's provider (store/fencing.py), so the history shows who drove the provider;
+    # NULL for writes that are not fenced (hand-outs, releases) and before 0009.
+    Column("launcher", String(256)),
+    Column("generation", Integer),
 )
 Index("ix_node_events_node", node_events.c.node_id, node_events.c.at)
 # Usage reads a window of history by time.
@@ -206,4 +211,19 @@ provider_leases = Table(
     Column("expires_at", Float, nullable=False),
     Column("taken_at", Float, nullable=False),
     Column("renewed_at", Float, nullable=False),
+)
+
+# Every time a launcher took a provider's lease (a takeover, a take after a release, or
+# a restarted launcher taking back its own): who drove each provider when, for the
+# fleet's chaos checks and an operator's questions.
+lease_takes = Table(
+    "lease_takes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("provider", String(64), nullable=False),
+    Column("owner", String(256), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    # Who held it before ("" for the first take).
+    Column("previous", String(256), nullable=False),
 )

@@ -10,7 +10,11 @@ from pathlib import Path
 
 from freshpool.core.errors import Refused
 
-UNITS = ("freshpool.service", "freshpool-integration@.service")
+UNITS = (
+    "freshpool-launcher.service",
+    "freshpool-api.service",
+    "freshpool-integration@.service",
+)
 
 
 def command() -> str:

@@ -23,6 +23,7 @@ from freshpool.api.routes.nodes import out
 from freshpool.api.routes.pool import build_list, label_summaries
 from freshpool.api.routes.querycheck import QueryCheckedRoute
 from freshpool.api.services import Services
+from freshpool.core.fleet import FORGET_TTLS
 from freshpool.core.states import RequestState
 
 router = APIRouter(tags=["dashboard"], route_class=QueryCheckedRoute)
@@ -65,13 +66,19 @@ def snapshot(svc: Services, who: Caller, version: int) -> Status:
 
 
 def launchers(svc: Services) -> list[LauncherOut]:
-    """Every launcher the database knows, with the leases it holds now."""
-    now = time.time()
+    """Every launcher the database knows, with the leases it holds now; dead ones
+    (not seen within a lease TTL) shown as such until FORGET_TTLS have passed."""
+    if not svc.store.shared_by_launchers:
+        return []
+    # Heartbeats and leases are stamped by the database's clock, not this host's.
+    now = svc.store.fleet_now()
+    ttl = svc.config.lease_ttl
     leases = [lease for lease in svc.store.leases().values() if lease.expires_at > now]
     return [
         LauncherOut(
             id=row.id,
             seen_ago=max(0.0, now - row.seen_at),
+            live=now - row.seen_at <= ttl,
             may_drive=row.providers,
             leases=[
                 LeaseOut(
@@ -85,6 +92,7 @@ def launchers(svc: Services) -> list[LauncherOut]:
             ],
         )
         for row in svc.store.launcher_rows()
+        if now - row.seen_at <= FORGET_TTLS * ttl
     ]
 
 

@@ -185,6 +185,18 @@ function renderHistory(history) {
   ], { bars: true });
 }
 
+// A fleet on PostgreSQL: who drives which provider, and since when. One launcher on
+// SQLite has no rows here, so the panel stays hidden.
+function renderLaunchers(launchers) {
+  document.getElementById("launchers-panel").hidden = !launchers.length;
+  const live = launchers.filter((l) => l.live).length;
+  document.getElementById("launcher-count").textContent = "(" + live + " live of " + launchers.length + ")";
+  fillTable("launchers", launchers.map((l) => el("tr", { "data-launcher": l.id, "data-live": String(l.live) },
+    el("td", {}, l.id), el("td", {}, stateTag(l.live ? "live" : "dead")), el("td", {}, age(l.seen_ago) + " ago"),
+    el("td", {}, l.leases.map((lease) => lease.provider + " (" + age(lease.held_for) + ")").join(", ") || "none"))),
+    "no launchers");
+}
+
 function render(status) {
   clockSkew = status.now - Date.now() / 1000;
   document.getElementById("cluster").textContent = "cluster " + status.cluster;
@@ -196,6 +208,7 @@ function render(status) {
   renderQueue(status.queue);
   renderRecent(status.recent);
   renderBuilds(status.builds);
+  renderLaunchers(status.launchers);
   renderHistory(status.history);
 }
 
