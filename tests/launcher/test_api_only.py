@@ -163,6 +163,7 @@ def test_a_long_poll_on_one_api_server_wakes_when_a_node_is_released_on_the_othe
     assert shown.get(node.id) != "in-use"
 
 
+@pytest.mark.sqlite_only  # the config names no database: the test mode's would be used
 def test_api_only_refuses_a_file_database(tmp_path: Path) -> None:
     from freshpool.config import parse
 
