@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 
-from freshpool.store import Store
+from freshpool.store import Store, schema
 from tests.chaos import invariants
 from tests.chaos.fleet import PROVIDERS, run_fleet_chaos
 from tests.store.pg import TempPostgres
@@ -46,16 +47,24 @@ def forged(tmp_path: Path, events: list[tuple], takes: list[tuple] | None = None
     store = Store.open(tmp_path)
     with store.engine.begin() as conn:
         for node_id, old, new, provider, launcher, generation in events:
-            conn.exec_driver_sql(
-                "INSERT INTO node_events (node_id, at, from_state, to_state, reason, label,"
-                " provider, launcher, generation) VALUES (?, ?, ?, ?, '', 'debian', ?, ?, ?)",
-                (node_id, time.time(), old, new, provider, launcher, generation),
+            conn.execute(
+                insert(schema.node_events).values(
+                    node_id=node_id,
+                    at=time.time(),
+                    from_state=old,
+                    to_state=new,
+                    reason="",
+                    label="debian",
+                    provider=provider,
+                    launcher=launcher,
+                    generation=generation,
+                )
             )
         for provider, owner, generation, at in takes or []:
-            conn.exec_driver_sql(
-                "INSERT INTO lease_takes (provider, owner, generation, at, previous)"
-                " VALUES (?, ?, ?, ?, '')",
-                (provider, owner, generation, at),
+            conn.execute(
+                insert(schema.lease_takes).values(
+                    provider=provider, owner=owner, generation=generation, at=at, previous=""
+                )
             )
     return store
 
