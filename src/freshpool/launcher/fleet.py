@@ -77,6 +77,8 @@ class LeaseController:
         for provider in sorted(self.fencing.held()):
             if owners.get(provider, self.me) != self.me:
                 self._hand_over(provider, owners[provider], now)
+            elif provider in self._draining:
+                self._keep(provider)
 
     def stop(self, deadline: float) -> None:
         """Let every lease go at once, so the others take over without waiting a TTL
@@ -103,6 +105,14 @@ class LeaseController:
         busy = any(w.provider == provider for w in self.shared.work)
         if not busy or now >= self._draining[provider]:
             self._drop(provider, release=True)
+
+    def _keep(self, provider: str) -> None:
+        """A hand-over still draining when the provider fell to this launcher again
+        (the one it was going to left, or the fleet changed back): it launches here
+        again, or it would stay held and never launch."""
+        log.info("provider %s: hand-over called off; it stays with this launcher", provider)
+        del self._draining[provider]
+        self.shared.draining.discard(provider)
 
     def _drop(self, provider: str, release: bool = False) -> None:
         generation = self.fencing.held().get(provider)
