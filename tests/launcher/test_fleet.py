@@ -4,6 +4,8 @@ a lease TTL with no node leaked or handed out twice, and fleet-wide caps hold.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,8 +25,8 @@ def make_fleet(tmp_path: Path, postgres: TempPostgres) -> Iterator[type[Fleet]]:
     made: list[Fleet] = []
 
     class Made(Fleet):
-        def __init__(self, clouds: int, label: str) -> None:
-            super().__init__(tmp_path, postgres.new_database(), clouds, label, TTL)
+        def __init__(self, clouds: int, label: str, ttl: float = TTL) -> None:
+            super().__init__(tmp_path, postgres.new_database(), clouds, label, ttl)
             made.append(self)
 
     yield Made
@@ -102,3 +104,33 @@ def test_four_launchers_racing_for_the_last_slot_make_one_node(make_fleet: type[
     time.sleep(TTL / 2)
     assert fleet.launched() == 1
     assert settled(fleet, 1)
+
+
+def test_a_config_reload_keeps_the_launchers_leases(make_fleet: type[Fleet]) -> None:
+    """A reload restarts serve's launcher in its process: it takes its own leases
+    straight back at the same generation, so no provider changes hands (the whole
+    fleet used to pass a reloading launcher's providers round and back). The TTL is
+    the default's: a restart on a loaded machine can take longer than the short one
+    the other tests use, and then the leases rightly expire."""
+    fleet = make_fleet(4, "min-ready: 2", ttl=15.0)
+    fleet.start("a")
+    fleet.start("b")
+    wait_for(lambda: sorted(Counter(fleet.owners().values()).values()) == [2, 2], 60, "a 2/2 split")
+    wait_for(lambda: settled(fleet, 2), 60, "2 ready nodes")
+    before = fleet.store.leases()
+    takes = len(fleet.store.lease_history())
+    path = fleet.root / "a.yaml"
+    path.write_text(path.read_text().replace("min-ready: 2", "min-ready: 3"))
+    reload = subprocess.run(
+        [sys.executable, "-m", "freshpool", "config", "reload", "-c", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert reload.returncode == 0, reload.stdout + reload.stderr
+    wait_for(lambda: settled(fleet, 3), 60, "3 ready nodes on the new config", fleet.describe)
+    after = fleet.store.leases()
+    assert {p: (x.owner, x.generation) for p, x in after.items()} == {
+        p: (x.owner, x.generation) for p, x in before.items()
+    }
+    # The history shows a's own takes again, never one from another launcher.
+    retaken = fleet.store.lease_history()[takes:]
+    assert retaken and all(owner == previous == "a" for _p, owner, _g, _at, previous in retaken)

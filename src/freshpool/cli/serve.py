@@ -78,7 +78,7 @@ def serve(
                 reloader = Reloader(config_path, config, stop)
                 signal.signal(signal.SIGHUP, _reload_on(reloader))
                 try:
-                    running = _run(config, store, build, stop, listener)
+                    running = _run(config, store, build, stop, listener, reloader)
                 finally:
                     reloader.close()
                 new = reloader.next
@@ -94,13 +94,15 @@ def serve(
 
 
 def _run(config: Config, store: Store, build: bool, stop: threading.Event,
-         listener: socket.socket | None) -> serving.Running:  # fmt: skip
-    """One run of the launcher and the API on `config`, until `stop`."""
+         listener: socket.socket | None, reloader: Reloader) -> serving.Running:  # fmt: skip
+    """One run of the launcher and the API on `config`, until `stop` (or a reload)."""
     from freshpool import launcher
     from freshpool import serve as serving
 
     drivers = checked_drivers(config, store)
     runner = launcher.build(config, store, drivers, automatic_builds=build)
+    if runner.leases is not None:
+        runner.leases.keep_on_stop = lambda: reloader.next is not None
     # The request scheduler and the HTTP API, in a process of their own.
     running = serving.start(config, runner, listener=listener)
     if running.url and listener is None:

@@ -50,9 +50,18 @@ class LeaseController:
         # Providers being handed over, and when they are released regardless.
         self._draining: dict[str, float] = {}
         self._next = 0.0
+        # Whether a stop is a config reload's: the next run, in this process, takes
+        # the leases straight back, so they are kept rather than let go.
+        self.keep_on_stop: Callable[[], bool] = lambda: False
 
     def start(self) -> None:
         self.tick()
+        # Leases still ours from the run before (a reload) that fall to another
+        # launcher now: let them go rather than have it wait for them to expire.
+        held = self.fencing.held()
+        for provider, lease in self.shared.store.leases().items():
+            if provider in self.may_drive and lease.owner == self.me and provider not in held:
+                self.shared.store.release_lease(provider, self.me, lease.generation)
 
     def due(self) -> float:
         return self._next
@@ -82,10 +91,13 @@ class LeaseController:
 
     def stop(self, deadline: float) -> None:
         """Let every lease go at once, so the others take over without waiting a TTL
-        (the node controller has finished or undone its launches by now)."""
+        (the node controller has finished or undone its launches by now); on a
+        reload keep them, or the whole fleet would pass them round and back."""
+        keep = self.keep_on_stop()
         for provider in sorted(self.fencing.held()):
-            self._drop(provider, release=True)
-        self.shared.store.leave(self.me)
+            self._drop(provider, release=not keep)
+        if not keep:
+            self.shared.store.leave(self.me)
 
     def _take(self, provider: str) -> None:
         generation = self.shared.store.take_lease(provider, self.me, self.ttl)
