@@ -115,15 +115,17 @@ class Pool:
             **kwargs,
         )
 
-    def launcher(self, **options: Any) -> Launcher:
+    def launcher(self, config: Config | None = None, **options: Any) -> Launcher:
         """The launcher `serve` runs, without the image controller and metrics (the
-        tests' image is registered ready; pass images=True to have them)."""
+        tests' image is registered ready; pass images=True to have them). `config`:
+        the pool's config as edited before a restart (same state dir and store)."""
+        config = config or self.config
         drivers = {
-            p.name: load_driver(p, self.store.cluster_id, self.config.state_dir)
-            for p in self.config.providers
+            p.name: load_driver(p, self.store.cluster_id, config.state_dir)
+            for p in config.providers
         }
         options = {"images": False, "publish": False, **options}
-        return launching.build(self.config, self.store, drivers, **options)
+        return launching.build(config, self.store, drivers, **options)
 
     def fill(self, launcher: Launcher, ready: int, timeout: float = 60) -> None:
         run_until(launcher, lambda: len(self.store.nodes(["ready"])) >= ready, timeout)
