@@ -141,6 +141,19 @@ def run_until(launcher: Launcher, done: Callable[[], bool], timeout: float = 60)
         time.sleep(0.01)
 
 
+def start(launcher: Launcher, timeout: float = 60) -> None:
+    """Run passes until the launcher has started (every controller's recovery done)
+    and drives every provider it was given. On PostgreSQL it drives a provider only
+    once its lease controller has taken the lease, in a pass: a test that acts on the
+    providers before any pass would find it driving none."""
+
+    def started() -> bool:
+        driven = set(launcher.drivers) == set(launcher.shared.configured)
+        return driven and launcher.started >= {c.name for c in launcher.controllers}
+
+    run_until(launcher, started, timeout)
+
+
 def fulfil(store: Store, request_id: int, providers: list[str]) -> list[NodeRow] | None:
     """Hand one pending request its set from the first provider that has it all ready;
     None when none has. Raises StaleState if the request is no longer pending."""
