@@ -115,15 +115,17 @@ class Pool:
             **kwargs,
         )
 
-    def launcher(self, **options: Any) -> Launcher:
+    def launcher(self, config: Config | None = None, **options: Any) -> Launcher:
         """The launcher `serve` runs, without the image controller and metrics (the
-        tests' image is registered ready; pass images=True to have them)."""
+        tests' image is registered ready; pass images=True to have them). `config`:
+        the pool's config as edited before a restart (same state dir and store)."""
+        config = config or self.config
         drivers = {
-            p.name: load_driver(p, self.store.cluster_id, self.config.state_dir)
-            for p in self.config.providers
+            p.name: load_driver(p, self.store.cluster_id, config.state_dir)
+            for p in config.providers
         }
         options = {"images": False, "publish": False, **options}
-        return launching.build(self.config, self.store, drivers, **options)
+        return launching.build(config, self.store, drivers, **options)
 
     def fill(self, launcher: Launcher, ready: int, timeout: float = 60) -> None:
         run_until(launcher, lambda: len(self.store.nodes(["ready"])) >= ready, timeout)
@@ -137,6 +139,19 @@ def run_until(launcher: Launcher, done: Callable[[], bool], timeout: float = 60)
             raise AssertionError(f"not reached within {timeout} s; nodes: {states}")
         launcher.pass_once()
         time.sleep(0.01)
+
+
+def start(launcher: Launcher, timeout: float = 60) -> None:
+    """Run passes until the launcher has started (every controller's recovery done)
+    and drives every provider it was given. On PostgreSQL it drives a provider only
+    once its lease controller has taken the lease, in a pass: a test that acts on the
+    providers before any pass would find it driving none."""
+
+    def started() -> bool:
+        driven = set(launcher.drivers) == set(launcher.shared.configured)
+        return driven and launcher.started >= {c.name for c in launcher.controllers}
+
+    run_until(launcher, started, timeout)
 
 
 def fulfil(store: Store, request_id: int, providers: list[str]) -> list[NodeRow] | None:

@@ -33,7 +33,6 @@ from freshpool.drivers.base import (
 )
 from freshpool.drivers.local import LocalDriver
 from freshpool.launcher import Launcher, builds, uploads
-from freshpool.launcher.context import Shared
 from freshpool.launcher.images import ImageController
 from freshpool.store import BuildRow, NodeRow
 from tests.conftest import IMAGE_CACHE
@@ -56,12 +55,14 @@ def images_yaml(steps: list[str], validate: list[str] | None = None, **extra: ob
     return text
 
 
-def keeper_for(pool: Pool, launcher: Launcher, config: Config | None = None) -> ImageController:
-    """The image controller, added to the launcher's passes as `serve` has it."""
-    shared = Shared(config or pool.config, pool.store, launcher.drivers)
-    keeper = ImageController(shared, base_cache=IMAGE_CACHE, wake=launcher.wake)
-    launcher.controllers.append(keeper)
-    return keeper
+def image_launcher(pool: Pool, config: Config | None = None) -> tuple[Launcher, ImageController]:
+    """The launcher with its image controller, as `serve` builds it: the controller
+    shares the launcher's providers, so on PostgreSQL it validates on those the
+    launcher's leases give it, as they come, and builds while it holds the builder
+    lease. Builds start from the session's cached base."""
+    launcher = pool.launcher(config, images=True, base_cache=IMAGE_CACHE)
+    assert launcher.images is not None
+    return launcher, launcher.images
 
 
 def with_image(config: Config, **changes: object) -> Config:
@@ -120,8 +121,7 @@ def test_build_validate_serve_rebuild_and_delete(
         keep=1,
     )
     pool = make_pool(min_ready=1, images=v1)
-    launcher = pool.launcher()
-    keeper = keeper_for(pool, launcher)
+    launcher, keeper = image_launcher(pool)
     prebuilt = pool.store.serving_build("debian-bookworm")
     assert prebuilt is not None
 
@@ -164,13 +164,12 @@ def test_build_validate_serve_rebuild_and_delete(
     ]
 
     # The definition changes (a restarted serve with the new config): it rebuilds on its own.
-    launcher = pool.launcher()
     v2 = with_image(
         pool.config,
         steps=[*pool.config.images[0].steps[:1], {"run": "echo v2 > /etc/fp-version"}],
         validate_commands=["grep -qx v2 /etc/fp-version"],
     )
-    keeper = keeper_for(pool, launcher, v2)
+    launcher, keeper = image_launcher(pool, v2)
     # The ready node of the first build is replaced as soon as keep: 1 retires that build.
     settle(
         launcher,
@@ -215,8 +214,7 @@ def test_failed_validation_leaves_the_previous_build_serving(
     make_pool: Callable[..., Pool], image_base: Path
 ) -> None:
     pool = make_pool(min_ready=1, images=images_yaml(["true"], validate=["echo broken; exit 7"]))
-    launcher = pool.launcher()
-    keeper = keeper_for(pool, launcher)
+    launcher, keeper = image_launcher(pool)
     before = pool.store.serving_build("debian-bookworm")
     pool.store.request_build("debian-bookworm")
     settle(
@@ -248,8 +246,7 @@ def test_rebuild_on_age_runs_the_steps_again(
     pool = make_pool(
         min_ready=0, images=images_yaml(["echo same > /etc/fp-same"], **{"rebuild-age": 3600})
     )
-    launcher = pool.launcher()
-    keeper = keeper_for(pool, launcher)
+    launcher, keeper = image_launcher(pool)
     pool.store.request_build("debian-bookworm")
     settle(
         launcher,
@@ -290,8 +287,7 @@ def test_job_installs_a_prefetched_package_with_no_network(
     pool = make_pool(
         min_ready=1, images=images, extra_label="  - {name: tools, image: tools, min-ready: 1}\n"
     )
-    launcher = pool.launcher()
-    keeper = keeper_for(pool, launcher)
+    launcher, keeper = image_launcher(pool)
     settle(launcher, keeper, lambda: any(n.label == "tools" for n in pool.store.nodes(["ready"])))
     build = pool.store.serving_build("tools")
     assert build is not None and build.parent_build == "debian-bookworm-test"
@@ -309,8 +305,7 @@ def test_stopping_mid_build_fails_it_as_interrupted_and_leaves_nothing(
     make_pool: Callable[..., Pool], image_base: Path
 ) -> None:
     pool = make_pool(min_ready=0, images=images_yaml(["echo started; sleep 60"]))
-    launcher = pool.launcher()
-    keeper = keeper_for(pool, launcher)
+    launcher, keeper = image_launcher(pool)
     pool.store.request_build("debian-bookworm")
     settle(launcher, keeper, lambda: "started" in _log_of(newest(pool)))
     keeper.stop()
@@ -380,9 +375,10 @@ def test_launches_wait_for_the_upload_to_each_provider(
         provider, pool.store.cluster_id, pool.config.state_dir / "providers/local"
     )
     launcher = launching.build(
-        pool.config, pool.store, {"local": driver}, images=False, publish=False
+        pool.config, pool.store, {"local": driver}, base_cache=IMAGE_CACHE, publish=False
     )
-    keeper = keeper_for(pool, launcher)
+    assert launcher.images is not None
+    keeper = launcher.images
     # The prebuilt build is uploaded already (tests/support.py): the pool fills from it.
     settle(launcher, keeper, lambda: len(pool.store.nodes(["ready"])) == 1)
     assert driver.launched_from == ["debian-bookworm-test"]
