@@ -54,12 +54,28 @@ class _Store:
         )
         self._lock = threading.Lock()
         if path:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._wal()
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS instances (external_id TEXT PRIMARY KEY,"
             " cluster TEXT NOT NULL, provider TEXT NOT NULL, node_id INTEGER NOT NULL,"
             " build TEXT NOT NULL, created_at REAL NOT NULL)"
         )
+
+    def _wal(self) -> None:
+        """WAL, once for the file: it persists, so later openers only read the mode.
+        Switching can fail at once with "database is locked" while other processes
+        hold the file (SQLite's busy timeout does not cover it), so it is retried."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def add(self, external_id: str, tags: Tags, provider: str) -> None:
         with self._lock:
