@@ -5,10 +5,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from sqlalchemy import select
+
 from freshpool.core.errors import StaleState
 from freshpool.core.placement import Ready, first_fit
 from freshpool.core.states import NodeState, RequestState
 from freshpool.store import NewRequest, Queue, Store
+from freshpool.store.schema import requests
+from tests.store.pg import TempPostgres
 from tests.store.test_store import ready_node
 
 
@@ -57,6 +61,26 @@ def test_a_batch_queues_and_serves_in_one_go_and_matches_each_caller(store: Stor
             assert node == store.node(node.id)
             assert [e.to_state for e in store.events(node.id)][-1] == NodeState.IN_USE
     assert done.pending == {done.created[3].id, done.created[4].id}
+
+
+def test_requests_another_hand_out_holds_count_as_still_pending(postgres: TempPostgres) -> None:
+    """On PostgreSQL a hand-out skips the pending requests another one holds (SKIP
+    LOCKED); they are still pending all the same. A scheduler wakes the waiters of
+    the requests a pass says are no longer pending: it would wake these for nothing."""
+    store = Store(postgres.new_database())
+    held, free = (store.new_request(["a"]) for _ in range(2))
+    try:
+        with store.engine.connect() as other, other.begin():
+            lock = select(requests.c.id).with_for_update()
+            other.execute(lock.where(requests.c.id == held.id))
+            assert store.hand_out([], everyone(["p"]), ["p"]).pending == {held.id, free.id}
+            # Every pending request held elsewhere: this hand-out sees none of them.
+            other.execute(lock.where(requests.c.id == free.id))
+            assert store.hand_out([], everyone(["p"]), ["p"]).pending == {held.id, free.id}
+        store.finish_request(held.id, RequestState.FAILED, "deadline passed")
+        assert store.hand_out([], everyone(["p"]), ["p"]).pending == {free.id}
+    finally:
+        store.close()
 
 
 def test_a_batch_bigger_than_one_insert_matches_every_caller(store: Store) -> None:

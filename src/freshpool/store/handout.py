@@ -68,7 +68,7 @@ class HandOut:
     created: list[RequestRow]
     # Request id -> the request and its nodes, in the order the planner placed them.
     fulfilled: dict[int, tuple[RequestRow, list[NodeRow]]]
-    # Ids of the requests still pending afterwards.
+    # Ids of the requests still pending afterwards (those another hand-out held too).
     pending: set[int]
 
     def nodes_of(self, request_id: int) -> list[NodeRow]:
@@ -129,8 +129,9 @@ class HandOutQueries(StoreBase):
             pending = _pending(conn)
             created = _insert(conn, new, now)
             pending += created
+            held = _held_elsewhere(conn, pending)
             if not pending:
-                return HandOut([], {}, set())
+                return HandOut([], {}, held)
             demand: Counter[str] = Counter()
             for request in pending:
                 demand.update(request.labels)
@@ -147,7 +148,7 @@ class HandOutQueries(StoreBase):
         return HandOut(
             [fulfilled[r.id][0] if r.id in fulfilled else r for r in created],
             fulfilled,
-            set(by_id) - set(fulfilled),
+            set(by_id) - set(fulfilled) | held,
         )
 
 
@@ -200,6 +201,17 @@ def _pending(conn: Connection) -> list[RequestRow]:
     """
     query = PENDING_UNCLAIMED if conn.dialect.name == "postgresql" else PENDING
     return [RequestRow(**row) for row in run(conn, query, {}).rows]
+
+
+def _held_elsewhere(conn: Connection, seen: Sequence[RequestRow]) -> set[int]:
+    """Pending requests another hand-out holds (on PostgreSQL _pending skips them):
+    still pending as far as this one knows; if the other settles them, its commit
+    says so (NOTIFY). Left out, a scheduler would take them for settled and wake
+    every waiter on them for nothing, each then reading its request again."""
+    if conn.dialect.name != "postgresql":
+        return set()
+    ids = {row["id"] for row in run(conn, _PENDING_IDS, {}).rows}
+    return ids - {r.id for r in seen}
 
 
 def _ready(conn: Connection, providers: Sequence[str], demand: Counter[str]) -> Ready:
@@ -341,6 +353,7 @@ def _as_claimed(
 
 # Built once: building a statement costs more than running it.
 PENDING_UNCLAIMED = PENDING.with_for_update(skip_locked=True)
+_PENDING_IDS = select(requests.c.id).where(requests.c.state == RequestState.PENDING)
 _QUEUE = insert(requests).returning(requests.c.id, sort_by_parameter_order=True)
 _READY_ROWS = (
     select(nodes)
