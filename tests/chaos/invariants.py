@@ -7,7 +7,7 @@ not just the final state.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from freshpool.core.states import NODE_TRANSITIONS, NodeState, RequestState
 from freshpool.drivers.base import Driver
@@ -209,3 +209,56 @@ def failovers(
                     f" {[(n, round(t - died, 2)) for t, n in deaths if abs(t - died) < 30]}"
                 )
     return found
+
+
+def requests_end_as_told(
+    store: Store,
+    accepted: dict[int, str],
+    ended: dict[int, tuple[str, list[int]]],
+    refused: list[str],
+) -> set[str]:
+    """Once the fleet settled, what clients were told against the store: every request
+    an API server accepted (id -> the client's requestor tag) is stored under its
+    tag and ended (each had a deadline, so none may be left pending); each one a
+    client saw end (id -> state, nodes) ended so in the store, a fulfilled one's
+    nodes handed to it in the history; no tag was stored twice (a POST made two
+    requests), and none the API refused was stored at all (its answer said nothing
+    changed). Returns every requestor tag stored."""
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, state, requestor FROM requests").fetchall()
+        handed_rows = conn.exec_driver_sql(
+            "SELECT node_id, reason FROM node_events WHERE to_state = 'in-use'"
+        ).fetchall()
+    stored = {request_id: (state, tag) for request_id, state, tag in rows}
+    pending = [request_id for request_id, (state, _tag) in stored.items() if state == "pending"]
+    if pending:
+        raise Violation(f"requests {pending[:20]} still pending after the fleet settled")
+    handed: dict[int, set[int]] = defaultdict(set)
+    for node_id, reason in handed_rows:
+        match = HANDED.search(reason)
+        if match is not None:
+            handed[int(match.group(1))].add(node_id)
+    for request_id, tag in accepted.items():
+        if request_id not in stored:
+            raise Violation(f"request {request_id} ({tag}) was accepted and is not stored: lost")
+        if stored[request_id][1] != tag:
+            raise Violation(f"request {request_id} is {stored[request_id][1]!r}'s, told {tag!r}")
+    for request_id, (state, nodes) in ended.items():
+        if stored[request_id][0] != state:
+            raise Violation(
+                f"request {request_id}: its client was told {state}, the store has"
+                f" {stored[request_id][0]}"
+            )
+        if state == RequestState.FULFILLED and not set(nodes) <= handed[request_id]:
+            raise Violation(
+                f"request {request_id}: its client got nodes {nodes}, the history handed it"
+                f" {sorted(handed[request_id])}"
+            )
+    tags = Counter(tag for _state, tag in stored.values())
+    twice = [tag for tag, n in tags.items() if n > 1 and tag]
+    if twice:
+        raise Violation(f"requestors {twice[:20]} each stored more than once")
+    stored_refused = [tag for tag in refused if tags[tag]]
+    if stored_refused:
+        raise Violation(f"requests {stored_refused[:20]} refused by the API and stored")
+    return set(tags)
