@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,21 @@ def test_a_schema_newer_than_this_freshpool_is_refused_with_what_to_do(store: St
     store.close()
     with pytest.raises(db.SchemaTooNew, match="revision 0099, newer than this freshpool"):
         Store(url)
+
+
+def test_a_restart_or_takeover_makes_every_delete_left_in_flight_due_again(store: Store) -> None:
+    """A delete's lease (its row kept out of the next passes while it runs) dies with
+    the launcher that ran it, a retry's as much as a first try's: else the provider
+    that changed hands waits out the whole delete-timeout for the row, its slot in
+    max-nodes held all that while."""
+    first, retried, other = (ready_node(store, provider=p) for p in ("p", "p", "q"))
+    for node in (first, retried, other):
+        store.transition(node, N.READY, N.DELETING, "delete")
+    now = time.time()
+    store.record_delete_failure(retried, "the cloud said no", now - 1)
+    store.lease_deletes({first: now + 60, retried: now + 60, other: now + 60})
+    assert store.due_for_delete(now) == []
+    store.release_delete_leases(now, "p")
+    assert {n.id for n in store.due_for_delete(now)} == {first, retried}
+    store.release_delete_leases(now)
+    assert {n.id for n in store.due_for_delete(now)} == {first, retried, other}

@@ -243,11 +243,13 @@ class NodeQueries(StoreBase):
 
     def release_delete_leases(self, now: float, provider: str | None = None) -> None:
         """After a restart (or a takeover of `provider`), deletes the previous launcher
-        had in flight are due again."""
+        had in flight are due again, retries as much as first tries. The row keeps
+        one time for both a running delete's lease and a failed one's backoff, so a
+        backoff ends here too: the new owner tries once at once, as its breakers
+        (in memory, new with it) let it."""
         query = update(nodes).where(
             nodes.c.state == NodeState.DELETING,
             nodes.c.next_attempt_at > now,
-            nodes.c.delete_attempts == 0,
         )
         if provider is not None:
             query = query.where(nodes.c.provider == provider)
