@@ -33,6 +33,9 @@ log = logging.getLogger("freshpool.launcher")
 CHANGE_SHARE = 0.2
 # How often, while sleeping, the store's change counter is looked at.
 POLL = 0.02
+# A pass longer than this is logged with each controller's share: every wait in it
+# delays the lease renewals and the wake-ups that come after it.
+SLOW_PASS = 1.0
 
 
 class Controller(Protocol):
@@ -106,16 +109,22 @@ class Runner:
         """Every controller's pass (each after its start), then the after-pass hooks."""
         self._last_pass = time.monotonic()
         writes = self.store.writes_here()
+        took: dict[str, float] = {}
         for controller in self.controllers:
+            began = time.monotonic()
             if controller.name not in self._started:
                 if self._guarded(controller, controller.start):
                     self._started.add(controller.name)
                 else:
                     continue
-            began = time.monotonic()
+            ticked = time.monotonic()
             self._guarded(controller, controller.tick)
-            metrics.controller_pass(controller.name, time.monotonic() - began)
+            metrics.controller_pass(controller.name, time.monotonic() - ticked)
+            took[controller.name] = time.monotonic() - began
         self._last_took = time.monotonic() - self._last_pass
+        if self._last_took > SLOW_PASS:
+            shares = ", ".join(f"{name} {s:.2f} s" for name, s in took.items() if s >= 0.05)
+            log.warning("a pass took %.2f s (%s)", self._last_took, shares or "no one controller")
         self._last_wrote = self.store.writes_here() != writes
         for hook in self.after_pass:
             hook()
