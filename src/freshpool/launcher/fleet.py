@@ -80,9 +80,17 @@ class LeaseController:
                 self._drop(provider)
         live = {row.id: row.providers for row in store.live_launchers(self.ttl)}
         owners = assign({p for allowed in live.values() for p in allowed or ()}, live)
-        for provider in self.may_drive:
-            if owners.get(provider) == self.me and provider not in self.fencing.held():
-                self._take(provider)
+        # Every lease first, then each recovery: a slow recovery (a cloud's listing)
+        # must not leave the next provider undriven past the TTL.
+        taken: list[str] = []
+        try:
+            for provider in self.may_drive:
+                if owners.get(provider) == self.me and provider not in self.fencing.held():
+                    if self._take(provider):
+                        taken.append(provider)
+        finally:  # a lease taken is recovered even if taking the next one failed
+            for provider in taken:
+                self._on_take(provider)
         for provider in sorted(self.fencing.held()):
             if owners.get(provider, self.me) != self.me:
                 self._hand_over(provider, owners[provider], now)
@@ -99,14 +107,15 @@ class LeaseController:
         if not keep:
             self.shared.store.leave(self.me)
 
-    def _take(self, provider: str) -> None:
+    def _take(self, provider: str) -> bool:
+        """Take `provider`'s lease if it is free; whether it was (recovery is next)."""
         generation = self.shared.store.take_lease(provider, self.me, self.ttl)
         if generation is None:
-            return  # its owner is alive and has not handed it over yet
+            return False  # its owner is alive and has not handed it over yet
         log.info("provider %s: lease taken (generation %d)", provider, generation)
         self.fencing.hold(provider, generation)
         self.shared.drivers[provider] = self.shared.configured[provider]
-        self._on_take(provider)
+        return True
 
     def _hand_over(self, provider: str, to: str, now: float) -> None:
         """Start nothing new on `provider`; release it once its operations finish."""
