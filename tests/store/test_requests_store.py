@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from sqlalchemy import select
 
 from freshpool.api import tokens
 from freshpool.core.states import InvalidTransition, NodeState, RequestState
 from freshpool.store import StaleState, Store
+from freshpool.store.schema import requests
+from tests.store.pg import TempPostgres
 from tests.store.test_store import ready_node
 from tests.support import fulfil
 
@@ -109,3 +114,48 @@ def test_history_reads_only_what_is_new(store: Store) -> None:
     outcomes = store.request_outcomes(later.id + 1, {request.id})
     assert [(r.id, r.state) for r in outcomes] == [(request.id, "cancelled")]
     assert store.last_request_id() == later.id
+
+
+def test_overdue_requests_fail_together_and_only_while_pending(store: Store) -> None:
+    now = store.clock()
+    late = [store.new_request(["a"], deadline=now - 1) for _ in range(3)]
+    waiting_long = store.new_request(["a"])
+    on_time = store.new_request(["a"], deadline=now + 60)
+    cancelled = store.new_request(["a"], deadline=now - 1)
+    store.cancel_request(cancelled.id, "gone")
+    failed = store.fail_overdue(now, None, "deadline passed")
+    assert sorted(failed) == [r.id for r in late]
+    assert {store.request(r.id).reason for r in late} == {"deadline passed"}
+    assert store.request(cancelled.id).state == RequestState.CANCELLED
+    assert store.fail_overdue(now, None, "again") == []
+    # Without a deadline, a request fails once it has waited longer than max_wait.
+    assert store.fail_overdue(now + 10, 5.0, "waited too long") == [waiting_long.id]
+    assert store.request(on_time.id).state == RequestState.PENDING
+
+
+def test_requests_for_a_label_set_fail_by_its_stored_text(store: Store) -> None:
+    ab = store.new_request(["a", "b"])
+    a = store.new_request(["a"])
+    sets = store.pending_label_sets()
+    assert sorted(json.loads(s) for s in sets) == [["a"], ["a", "b"]]
+    stored = next(s for s in sets if "b" in json.loads(s))
+    assert store.fail_pending_asking(stored, "label b is no longer in the config") == [ab.id]
+    assert store.request(ab.id).state == RequestState.FAILED
+    assert store.request(a.id).state == RequestState.PENDING
+    assert store.pending_label_sets() == [next(s for s in sets if s != stored)]
+
+
+def test_a_bulk_fail_skips_a_request_another_writer_holds(postgres: TempPostgres) -> None:
+    """Several launchers fail overdue requests at once: none waits behind another's
+    row locks (nor a hand-out's); what one skips the next pass fails."""
+    store = Store(postgres.new_database())
+    try:
+        now = store.clock()
+        held, free = (store.new_request(["a"], deadline=now - 1) for _ in range(2))
+        with store.engine.connect() as other, other.begin():
+            lock = select(requests.c.id).where(requests.c.id == held.id).with_for_update()
+            other.execute(lock)
+            assert store.fail_overdue(now, None, "deadline passed") == [free.id]
+        assert store.fail_overdue(now, None, "deadline passed") == [held.id]
+    finally:
+        store.close()

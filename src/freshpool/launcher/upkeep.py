@@ -5,13 +5,14 @@ config no longer has drained."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
 
 from freshpool.core import timeouts
 from freshpool.core.errors import StaleState
-from freshpool.core.states import NodeState, RequestState
+from freshpool.core.states import NodeState
 from freshpool.drivers.base import SshAccess
 from freshpool.launcher.context import Shared
 from freshpool.launcher.work import Kind, Work
@@ -54,12 +55,9 @@ class UpkeepController:
         self._drain_removed_labels()
 
     def _expire_requests(self) -> None:
-        store = self.shared.store
-        for request in store.overdue_requests(time.time(), self.shared.config.request_timeout):
-            with contextlib.suppress(StaleState):
-                store.finish_request(
-                    request.id, RequestState.FAILED, "deadline passed before nodes were ready"
-                )
+        reason = "deadline passed before nodes were ready"
+        config = self.shared.config
+        self.shared.store.fail_overdue(time.time(), config.request_timeout, reason)
 
     def _enforce_timeouts(self) -> None:
         """Move on every node that stayed too long in its state (core/timeouts.py)."""
@@ -93,12 +91,11 @@ class UpkeepController:
                     why = f"label {row.label!r} is no longer in the config"
                     store.transition(row.id, N.READY, N.DELETING, why)
                     log.info("node %s: %s: deleting", row.id, why)
-        for request in store.pending_requests():
-            gone = sorted(set(request.labels) - set(labels))
+        for stored in store.pending_label_sets():
+            gone = sorted(set(json.loads(stored)) - set(labels))
             if gone:
                 why = f"label {', '.join(gone)} is no longer in the config"
-                with contextlib.suppress(StaleState):
-                    store.finish_request(request.id, RequestState.FAILED, why)
+                store.fail_pending_asking(stored, why)
 
     def _health_checks(self) -> None:
         """Re-test ready nodes now and then; a failing one is replaced before a job gets it."""

@@ -7,7 +7,19 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Select, and_, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Text,
+    and_,
+    cast,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from freshpool.core import states
 from freshpool.core.errors import NotFound, StaleState
@@ -39,6 +51,10 @@ class RequestRow:
 
 
 # Pending requests, oldest first: the queue every scheduler pass reads.
+_PENDING_ROW = requests.c.state == RequestState.PENDING
+# The labels column as its stored JSON text: comparable on both databases (PostgreSQL's
+# json type has no equality).
+_labels_text = cast(requests.c.labels, Text)
 PENDING = (
     select(requests)
     .where(requests.c.state == RequestState.PENDING)
@@ -136,16 +152,48 @@ class RequestQueries(StoreBase):
                 found[row.request_id].append(NodeRow(**row._mapping))
         return found
 
-    def overdue_requests(self, now: float, max_wait: float | None = None) -> list[RequestRow]:
-        """Pending requests past their deadline, or waiting longer than `max_wait`."""
+    def fail_overdue(self, now: float, max_wait: float | None, reason: str) -> list[int]:
+        """Fail every pending request past its deadline, or waiting longer than
+        `max_wait`, in one statement; the ids failed."""
         late = requests.c.deadline < now
         if max_wait is not None:
             late = or_(
                 late, and_(requests.c.deadline.is_(None), requests.c.created_at < now - max_wait)
             )
-        query = select(requests).where(requests.c.state == RequestState.PENDING, late)
+        # Looked for first: most passes find none, and then take no write lock.
         with self._read() as conn:
-            return [RequestRow(**row._mapping) for row in conn.execute(query)]
+            if (
+                conn.execute(select(requests.c.id).where(_PENDING_ROW, late).limit(1)).first()
+                is None
+            ):
+                return []
+        return self._fail_pending(late, reason)
+
+    def pending_label_sets(self) -> list[str]:
+        """The distinct label lists pending requests ask for, each as stored (JSON)."""
+        query = select(_labels_text).where(_PENDING_ROW).distinct()
+        with self._read() as conn:
+            return list(conn.execute(query).scalars())
+
+    def fail_pending_asking(self, stored: str, reason: str) -> list[int]:
+        """Fail every pending request whose labels are `stored` (as pending_label_sets
+        gives them); the ids failed."""
+        return self._fail_pending(_labels_text == stored, reason)
+
+    def _fail_pending(self, which: ColumnElement[bool], reason: str) -> list[int]:
+        """One statement for many: on PostgreSQL the rows another writer holds (a
+        hand-out, another launcher doing the same) are skipped, not waited for; they
+        are looked at again on the next pass."""
+        states.check_request(RequestState.PENDING, RequestState.FAILED)
+        free = select(requests.c.id).where(_PENDING_ROW, which).with_for_update(skip_locked=True)
+        statement = (
+            update(requests)
+            .where(requests.c.id.in_(free.scalar_subquery()), _PENDING_ROW)
+            .values(state=RequestState.FAILED, reason=reason, state_at=self.clock())
+            .returning(requests.c.id)
+        )
+        with self._write() as conn:
+            return list(conn.execute(statement).scalars())
 
     def finish_request(self, request_id: int, to: RequestState, reason: str) -> RequestRow:
         """A pending request fails (or is cancelled) without nodes."""
