@@ -85,9 +85,9 @@ class LeaseController:
         taken: list[str] = []
         try:
             for provider in self.may_drive:
-                if owners.get(provider) == self.me and provider not in self.fencing.held():
-                    if self._take(provider):
-                        taken.append(provider)
+                mine = owners.get(provider) == self.me
+                if mine and provider not in self.fencing.held() and self._take(provider):
+                    taken.append(provider)
         finally:  # a lease taken is recovered even if taking the next one failed
             for provider in taken:
                 self._on_take(provider)
