@@ -50,16 +50,12 @@ class RequestRow:
     ssh_keys: list[str] | None = None
 
 
-# Pending requests, oldest first: the queue every scheduler pass reads.
 _PENDING_ROW = requests.c.state == RequestState.PENDING
 # The labels column as its stored JSON text: comparable on both databases (PostgreSQL's
 # json type has no equality).
 _labels_text = cast(requests.c.labels, Text)
-PENDING = (
-    select(requests)
-    .where(requests.c.state == RequestState.PENDING)
-    .order_by(requests.c.created_at, requests.c.id)
-)
+# Pending requests, oldest first: the queue every scheduler pass reads.
+PENDING = select(requests).where(_PENDING_ROW).order_by(requests.c.created_at, requests.c.id)
 
 
 class RequestQueries(StoreBase):
@@ -76,9 +72,7 @@ class RequestQueries(StoreBase):
         `tenant_quotas`, only the oldest requests that fit in what its quota has left
         (the others cannot be served yet, so nodes for them would only wait)."""
         query = (
-            select(requests.c.tenant, requests.c.labels)
-            .where(requests.c.state == RequestState.PENDING)
-            .order_by(requests.c.id)
+            select(requests.c.tenant, requests.c.labels).where(_PENDING_ROW).order_by(requests.c.id)
         )
         quotas = tenant_quotas or {}
         demand: Counter[str] = Counter()
@@ -97,9 +91,7 @@ class RequestQueries(StoreBase):
 
     def pending_by_tenant(self) -> Counter[str]:
         query = (
-            select(requests.c.tenant, func.count())
-            .where(requests.c.state == RequestState.PENDING)
-            .group_by(requests.c.tenant)
+            select(requests.c.tenant, func.count()).where(_PENDING_ROW).group_by(requests.c.tenant)
         )
         with self._read() as conn:
             return Counter({tenant: n for tenant, n in conn.execute(query)})
