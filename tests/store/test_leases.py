@@ -12,7 +12,7 @@ import pytest
 
 from freshpool.core.errors import LeaseLost
 from freshpool.core.states import NodeState
-from freshpool.store import Fencing, Room, Store
+from freshpool.store import Fencing, NewNodes, Room, Store
 from tests.store.pg import TempPostgres
 
 N = NodeState
@@ -106,6 +106,25 @@ def test_room_caps_a_launch_in_its_own_transaction(store: Store) -> None:
     assert len(store.new_nodes("debian", "cloud-2", "b1", "debian", 10, other)) == 2
     capped = Room(label_max=6)
     assert len(store.new_nodes("debian", "cloud-3", "b1", "debian", 10, capped)) == 1
+
+
+def test_one_pass_of_launches_counts_each_against_those_before_it(store: Store) -> None:
+    """A pass writes its launches on every provider in one transaction: the caps hold
+    across them as across separate launches, and each gets its own rows, in order."""
+    supply = Room(provider_max=4, label_supply=6)
+    store.new_nodes("debian", "cloud-1", "b1", "debian", 1)
+    made = store.new_node_sets([
+        NewNodes("debian", "cloud-1", "b1", "debian", 5, supply),
+        NewNodes("debian", "cloud-2", "b1", "debian", 0, supply),
+        NewNodes("debian", "cloud-2", "b1", "debian", 5, supply),
+        NewNodes("other", "cloud-2", "b2", "other", 2),
+        NewNodes("debian", "cloud-3", "b1", "debian", 5, supply),
+    ])  # fmt: skip
+    assert [len(rows) for rows in made] == [3, 0, 2, 2, 0]
+    assert {(n.provider, n.label, n.build_id) for n in made[3]} == {("cloud-2", "other", "b2")}
+    assert all(n.hostname == f"debian-{n.id}" for n in made[0] + made[2])
+    assert [e.reason for e in store.events(made[2][0].id)] == ["launch on cloud-2"]
+    assert len(store.nodes()) == 8
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from freshpool.core.errors import StaleState
 from freshpool.core.states import NODE_TO_DELETE_STATES, NodeState
 from freshpool.drivers.base import CommandResult, DriverError, Instance, Operation, Tags
 from freshpool.launcher.context import Shared, instance_values, node_spec
-from freshpool.launcher.launches import Launch, LaunchFailures, plan_launches
+from freshpool.launcher.launches import LaunchFailures, plan_launches
 from freshpool.launcher.work import Kind, Work
-from freshpool.store import Move, NodeRow
+from freshpool.store import Move, NewNodes, NodeRow
 
 log = logging.getLogger("freshpool.launcher")
 N = NodeState
@@ -93,31 +93,26 @@ class NodeController:
 
     def _launch(self) -> None:
         launches, self._throttled = plan_launches(self.shared, self.failures)
-        for launch in launches:
-            self._start_launches(launch)
-
-    def _start_launches(self, launch: Launch) -> None:
-        store, build = self.shared.store, launch.serving.build
-        # Every row first, in one transaction, then the calls: a crash in between
-        # leaves rows without instances, which recovery removes.
-        rows = store.new_nodes(
-            launch.label.name,
-            launch.provider.name,
-            build.id,
-            launch.label.name,
-            launch.count,
-            launch.room,
-        )
-        driver = self.shared.drivers[launch.provider.name]
-        limits = launch.label.limits.over(launch.provider.limits)
-        for row in rows:
-            crashpoints.point("launch")
-            spec = node_spec(
-                store, row, build, launch.label.user, launch.serving.external_id, limits
-            )
-            op = driver.create(spec)
-            op.advance()
-            self.shared.work.add(Work(row.id, row.provider, row.label, Kind.CREATE, op))
+        if not launches:
+            return
+        store = self.shared.store
+        # Every row first, in one transaction for the whole pass, then the calls: a
+        # crash in between leaves rows without instances, which recovery removes.
+        made = store.new_node_sets([
+            NewNodes(x.label.name, x.provider.name, x.serving.build.id, x.label.name, x.count,
+                     x.room)
+            for x in launches
+        ])  # fmt: skip
+        for launch, rows in zip(launches, made, strict=True):
+            driver = self.shared.drivers[launch.provider.name]
+            limits = launch.label.limits.over(launch.provider.limits)
+            for row in rows:
+                crashpoints.point("launch")
+                spec = node_spec(store, row, launch.serving.build, launch.label.user,
+                                 launch.serving.external_id, limits)  # fmt: skip
+                op = driver.create(spec)
+                op.advance()
+                self.shared.work.add(Work(row.id, row.provider, row.label, Kind.CREATE, op))
 
     def _created(self, done: list[Work]) -> None:
         up: list[tuple[Work, Instance]] = []

@@ -84,9 +84,8 @@ class UpkeepController:
         """A label taken out of the config (a reload): its ready nodes are deleted and
         requests still waiting for it fail; nodes in use finish their jobs first."""
         store, labels = self.shared.store, self.shared.labels
-        for row in store.nodes(["ready"]):
-            mine = row.id not in self.shared.work and self.shared.drives(row.provider)
-            if row.label not in labels and mine:
+        for row in store.nodes(["ready"], labels_not_in=list(labels)):
+            if row.id not in self.shared.work and self.shared.drives(row.provider):
                 with contextlib.suppress(StaleState):
                     why = f"label {row.label!r} is no longer in the config"
                     store.transition(row.id, N.READY, N.DELETING, why)

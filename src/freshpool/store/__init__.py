@@ -9,7 +9,7 @@ from freshpool.store.fencing import Fencing
 from freshpool.store.handout import HandOut, HandOutQueries, NewRequest, Planner, Queue, queue_only
 from freshpool.store.history import HistoryEvent, HistoryQueries, RequestOutcome
 from freshpool.store.leases import LauncherRow, LeaseQueries, LeaseRow
-from freshpool.store.nodes import EventRow, Move, NodeQueries, NodeRow
+from freshpool.store.nodes import EventRow, Move, NewNodes, NodeQueries, NodeRow
 from freshpool.store.requests import RequestQueries, RequestRow
 from freshpool.store.room import Room
 from freshpool.store.targets import Arrival, TargetQueries, TargetRow
@@ -44,6 +44,7 @@ __all__ = [
     "LauncherRow",
     "LeaseRow",
     "Move",
+    "NewNodes",
     "NewRequest",
     "NodeRow",
     "NotFound",

@@ -15,7 +15,7 @@ from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState
 from freshpool.store.base import StoreBase, cas_statement
 from freshpool.store.fencing import Fence
-from freshpool.store.room import Room, fit
+from freshpool.store.room import Ask, Room, fit
 from freshpool.store.schema import node_events, nodes
 
 
@@ -58,6 +58,18 @@ class EventRow:
 
 
 @dataclass(frozen=True)
+class NewNodes:
+    """A launch's rows to write: `count` nodes of `label` on `provider` from a build."""
+
+    label: str
+    provider: str
+    build_id: str
+    hostname_prefix: str
+    count: int
+    room: Room | None = None
+
+
+@dataclass(frozen=True)
 class Move:
     """One node's compare-and-set from `expect` to `to`, setting `values` besides."""
 
@@ -90,38 +102,38 @@ class NodeQueries(StoreBase):
         instance, so a crash in between leaves a row to clean up, never an
         instance nobody knows about.
         """
-        if count <= 0:
-            return []
+        ask = NewNodes(label, provider, build_id, hostname_prefix, count, room)
+        return self.new_node_sets([ask])[0]
+
+    def new_node_sets(self, asks: Sequence[NewNodes]) -> list[list[NodeRow]]:
+        """`new_nodes` for several launches (a pass's, on every provider) in one
+        transaction, each counting the rows of those before it; a list of rows per ask."""
+        if not any(a.count > 0 for a in asks):
+            return [[] for _ in asks]
         now = self.clock()
         state = NodeState.BUILDING
-        row = {
-            "label": label,
-            "provider": provider,
-            "state": state,
-            "build_id": build_id,
-            "hostname": "",
-            "created_at": now,
-            "state_at": now,
-        }
         with self._write() as conn:
-            fence = self._fence_providers(conn, [provider])
-            if room is not None:
-                count = fit(conn, label, provider, count, room)
-                if count <= 0:
-                    return []
+            fence = self._fence_providers(conn, sorted({a.provider for a in asks}))
+            counts = fit(conn, [Ask(a.label, a.provider, a.count, a.room) for a in asks])
+            rows = [
+                {"label": a.label, "provider": a.provider, "state": state,
+                 "build_id": a.build_id, "hostname": "", "created_at": now, "state_at": now}
+                for a, n in zip(asks, counts, strict=True) for _ in range(n)
+            ]  # fmt: skip
+            if not rows:
+                return [[] for _ in asks]
             # One statement for all (SQLAlchemy's insertmanyvalues), ids in order.
-            inserted = conn.execute(_NEW_NODES, [row] * count).all()
-            names = [f"{hostname_prefix}-{r.id}" for r in inserted]
-            conn.execute(
-                _SET_HOSTNAME,
-                [{"node": r.id, "name": n} for r, n in zip(inserted, names, strict=True)],
-            )
-            launched = f"launch on {provider}"
-            born = [(NodeRow(**r._mapping), None, state, launched) for r in inserted]
+            inserted = conn.execute(_NEW_NODES, rows).all()
+            made, at = [], 0
+            for ask, n in zip(asks, counts, strict=True):
+                made.append([NodeRow(**{**r._mapping, "hostname": f"{ask.hostname_prefix}-{r.id}"})
+                             for r in inserted[at : at + n]])  # fmt: skip
+                at += n
+            named = [n for rows_of in made for n in rows_of]
+            conn.execute(_SET_HOSTNAME, [{"node": n.id, "name": n.hostname} for n in named])
+            born = [(n, None, state, f"launch on {n.provider}") for n in named]
             _events(conn, born, now, fence)
-        return [
-            NodeRow(**{**r._mapping, "hostname": n}) for r, n in zip(inserted, names, strict=True)
-        ]
+        return made
 
     def transitions(self, moves: Sequence[Move]) -> list[NodeRow | StaleState]:
         """Compare-and-set many nodes in one transaction (the launcher's pass moves
@@ -156,12 +168,15 @@ class NodeQueries(StoreBase):
         states_in: Sequence[str] | None = None,
         label: str | None = None,
         provider: str | None = None,
+        labels_not_in: Sequence[str] | None = None,
     ) -> list[NodeRow]:
         query = select(nodes).order_by(nodes.c.id)
         if states_in is not None:
             query = query.where(nodes.c.state.in_([str(s) for s in states_in]))
         if label is not None:
             query = query.where(nodes.c.label == label)
+        if labels_not_in is not None:
+            query = query.where(nodes.c.label.not_in(list(labels_not_in)))
         if provider is not None:
             query = query.where(nodes.c.provider == provider)
         with self._read() as conn:
