@@ -68,13 +68,14 @@ def overdue(
     return Overdue(N.DELETING, f"held longer than max-hold-age ({allowed:g} s)")
 
 
-def shortest(labels: list[LabelTimes], providers: list[ProviderTimes]) -> float:
-    """The shortest limit of any state anywhere: only rows older than it can be overdue."""
-    limits = [
-        found
-        for label in labels
-        for provider in providers
-        for state in TIMED_STATES
-        if (found := limit(state, label, provider)) is not None
-    ]
-    return min(limits, default=0.0)
+def shortest(labels: list[LabelTimes], providers: list[ProviderTimes]) -> dict[NodeState, float]:
+    """Each timed state's shortest limit anywhere: only rows in it for longer can be
+    overdue. A state no label or provider limits is left out (ready nodes with no
+    max-ready-age, the bulk of a large pool, are never looked at)."""
+    found: dict[NodeState, float] = {}
+    for state in TIMED_STATES:
+        limits = [x for label in labels for provider in providers
+                  if (x := limit(state, label, provider)) is not None]  # fmt: skip
+        if limits:
+            found[state] = min(limits)
+    return found

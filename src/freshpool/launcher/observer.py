@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,8 @@ class Observer:
         self._next = 0.0
         self._next_gauge = 0.0
         self._born = time.time()
+        # Node-seconds counted since the last look, by (tenant, label, provider, state).
+        self._spent: defaultdict[tuple[str, str, str, str], float] = defaultdict(float)
 
     # ------------------------------------------------------------- the pass
 
@@ -109,6 +111,11 @@ class Observer:
             if force or now >= self._next:
                 self._next = now + self.every
                 self._advance(now)
+            # One counter update per series, not per node: a fleet's store has tens
+            # of thousands of nodes.
+            for (tenant, label, provider, state), seconds in self._spent.items():
+                metrics.node_seconds(tenant, label, provider, state, seconds)
+            self._spent.clear()
 
     def history(self) -> dict[str, Any]:
         """The last hour in buckets, oldest first, for the dashboard's charts."""
@@ -228,9 +235,7 @@ class Observer:
         history and is exact.
         """
         if seen.state is not None and until > seen.counted:
-            metrics.node_seconds(
-                seen.tenant, seen.label, seen.provider, seen.state, until - seen.counted
-            )
+            self._spent[seen.tenant, seen.label, seen.provider, seen.state] += until - seen.counted
             seen.counted = until
 
     def _chart(self, event: HistoryEvent) -> None:

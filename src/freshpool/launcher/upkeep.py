@@ -30,7 +30,7 @@ class UpkeepController:
         self.shared = shared
         self.failed_launch = failed_launch
         config = shared.config
-        # Only rows older than the shortest limit anywhere can be overdue.
+        # Only rows in a state for longer than its shortest limit anywhere can be overdue.
         self._shortest = timeouts.shortest(list(config.labels), list(config.providers))
         # Timeouts and health checks need second-scale precision, not every pass.
         self._next = 0.0
@@ -63,7 +63,8 @@ class UpkeepController:
         """Move on every node that stayed too long in its state (core/timeouts.py)."""
         now = time.time()
         store, work = self.shared.store, self.shared.work
-        for row in store.in_state_since_before(timeouts.TIMED_STATES, now - self._shortest):
+        cutoffs = {str(state): now - limit for state, limit in self._shortest.items()}
+        for row in store.in_state_since_before(cutoffs):
             provider = self.shared.providers.get(row.provider)
             label = self.shared.labels.get(row.label)
             if provider is None or label is None or not self.shared.drives(row.provider):

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from freshpool.core import states
 from freshpool.core.errors import NotFound, StaleState
@@ -222,10 +233,13 @@ class NodeQueries(StoreBase):
                 .values(external_id=external_id, access=access)
             )
 
-    def in_state_since_before(self, states_in: Sequence[str], before: float) -> list[NodeRow]:
-        """Nodes in one of `states_in` that entered it before `before` (timeout candidates)."""
+    def in_state_since_before(self, before: Mapping[str, float]) -> list[NodeRow]:
+        """Nodes in a state of `before` that entered it before its time there (timeout
+        candidates)."""
+        if not before:
+            return []
         query = select(nodes).where(
-            nodes.c.state.in_([str(x) for x in states_in]), nodes.c.state_at < before
+            or_(*(and_(nodes.c.state == str(s), nodes.c.state_at < t) for s, t in before.items()))
         )
         with self._read() as conn:
             return [NodeRow(**row._mapping) for row in conn.execute(query)]
