@@ -58,6 +58,7 @@ class Bridge:
         self.view = View(self.zk, store, self.launcher, self.wake)
         self.desk = Desk(self.zk, store, config, self.launcher, self.wake, poke, self.view.allocate)
         self.view.between = self._requests_arrived
+        self.view.wanted = self.desk.waiting_labels
         self.desk.vanished = self.view.requests_deleted
         self.passes = 0
 

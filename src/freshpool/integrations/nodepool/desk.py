@@ -101,6 +101,9 @@ class Desk:
         self.revised.clear()
         self.resync = True
 
+    def waiting_labels(self) -> set[str]:
+        return {label for held in self.held.values() for label in held.request.labels}
+
     def requests_changed(self, *_args: Any) -> None:
         self.arrived.set()
         self.wake()
@@ -253,7 +256,9 @@ class Desk:
         # Locked again to answer, and read again under it: the client's last word.
         names = [by_id[r.id].request.id for r in done]
         reads = [self.zk.get_async(f"{wire.REQUESTS}/{n}") for n in names]
-        locks = try_locks(self.zk, [f"{wire.REQUEST_LOCKS}/{n}" for n in names])
+        # Their folders stay from when we took them.
+        paths = [f"{wire.REQUEST_LOCKS}/{n}" for n in names]
+        locks = try_locks(self.zk, paths, folders_exist=True)
         fulfilled = [r.id for r in done if r.state == RequestState.FULFILLED]
         nodes = self.store.request_nodes(fulfilled) if fulfilled else {}
         for row, name, read in zip(done, names, reads, strict=True):

@@ -1,7 +1,9 @@
 """The node znodes: freshpool's nodes as Nodepool shows them, and what clients set there.
 
 Ready nodes not yet handed out appear as unallocated `ready` znodes (Nodepool's
-min-ready view); a node handed to a Zuul request appears allocated to it. From then
+min-ready view), but not while a Zuul request waits for their label: they are about
+to be handed to it, and Zuul reads only the nodes allocated to its requests. A node
+handed to a Zuul request appears allocated to it. From then
 on the client owns the znode's state and lock, and each change it makes is turned
 into the store's move:
 
@@ -57,6 +59,8 @@ class View:
         # Called between the steps of a sync: the bridge takes new requests there, so
         # they wait for no more than one step.
         self.between: Callable[[], None] = lambda: None
+        # The labels Zuul's waiting requests ask for (the desk's).
+        self.wanted: Callable[[], set[str]] = set
 
     def forget(self) -> None:
         self.writes.clear()
@@ -89,7 +93,9 @@ class View:
         rows = {n.id: n for n in self.store.nodes([str(s) for s in SHOWN])}
         if self.resync:
             self._adopt(rows)
-        fresh = [n for n in rows.values() if n.state == NodeState.READY and n.id not in self.shown]
+        wanted = self.wanted()
+        fresh = [n for n in rows.values() if n.state == NodeState.READY
+                 and n.id not in self.shown and n.label not in wanted]  # fmt: skip
         creates = []
         for node in fresh:
             data = wire.encode(wire.node_data(node, self.launcher, wire.READY, None))
@@ -103,9 +109,14 @@ class View:
             self.shown[node.id] = Shown(allocated_to=None)
             self.dirty.add(node.id)
         self._settle_writes()
+        # Those `rows` can speak for: a node handed out in `between` may have been
+        # made after they were read, and is looked at in the next sync.
+        known = set(self.shown)
         self.between()
         follow, gone = [], []
         for node_id, shown in list(self.shown.items()):
+            if node_id not in known:
+                continue
             row = rows.get(node_id)
             if row is None or (row.state != NodeState.READY and shown.allocated_to is None):
                 # Gone, or handed to a client of freshpool's own: not Zuul's to see.

@@ -34,30 +34,60 @@ def connect(settings: NodepoolCompat) -> KazooClient:
 _CONTENDER = re.compile(r"__r?lock__(\d+)$")
 
 
-def try_locks(zk: KazooClient, paths: Sequence[str]) -> dict[str, str | None]:
+def try_locks(
+    zk: KazooClient, paths: Sequence[str], folders_exist: bool = False
+) -> dict[str, str | None]:
     """Take the kazoo-recipe lock at each of `paths` if nobody holds it, never waiting:
     path -> our contender znode (to release), or None. The parent of the paths must
     exist. Every call is sent before any answer is read, and ZooKeeper answers one
-    session's calls in order, so the lock's folder, our contender and the listing of
-    contenders made after it cost one round trip for any number of locks."""
-    sent = []
-    for path in paths:
-        folder = zk.create_async(path)  # there already if anyone locked it before
-        mine = zk.create_async(f"{path}/{uuid.uuid4().hex}__lock__", b"", ephemeral=True,
-                               sequence=True)  # fmt: skip
-        sent.append((path, folder, mine, zk.get_children_async(path)))
-    taken: dict[str, str | None] = {}
-    for path, folder, mine, listing in sent:
-        with contextlib.suppress(NodeExistsError):
-            folder.get()
-        ours = str(mine.get())
-        seq = _sequence(ours.rsplit("/", 1)[1])
-        others = [_sequence(c) for c in listing.get()]
-        first = all(other is None or seq is None or other >= seq for other in others)
-        taken[path] = ours if first else None
-        if not first:
-            zk.delete_async(ours)  # read by nobody: a lost session drops it anyway
+    session's calls in order, so any number of locks cost one round trip, and a
+    second for those whose folder was not as `folders_exist` guessed.
+
+    A folder made in one transaction with our contender holds no one else's: that
+    lock is ours without listing it. Where the folder exists, our contender and the
+    listing of contenders made after it tell whether ours is first."""
+    taken: dict[str, str | None] = dict.fromkeys(paths)
+    to_make, to_list = ([], list(paths)) if folders_exist else (list(paths), [])
+    for _ in range(3):  # a folder made or removed by someone else meanwhile, twice
+        made = [(path, _with_folder(zk, path)) for path in to_make]
+        listed = [(path, zk.create_async(_contender(path), b"", ephemeral=True,
+                                         sequence=True), zk.get_children_async(path))
+                  for path in to_list]  # fmt: skip
+        to_make, to_list = [], []
+        for path, commit in made:
+            folder, mine = commit.get()
+            if isinstance(folder, NodeExistsError):
+                to_list.append(path)  # locked by someone before: list its contenders
+            elif isinstance(folder, Exception):
+                raise folder
+            else:
+                taken[path] = str(mine)
+        for path, create, listing in listed:
+            try:
+                ours = str(create.get())
+            except NoNodeError:
+                to_make.append(path)  # no folder after all
+                continue
+            seq = _sequence(ours.rsplit("/", 1)[1])
+            others = [_sequence(c) for c in listing.get()]
+            if all(other is None or seq is None or other >= seq for other in others):
+                taken[path] = ours
+            else:
+                zk.delete_async(ours)  # read by nobody: a lost session drops it anyway
+        if not to_make and not to_list:
+            break
     return taken
+
+
+def _with_folder(zk: KazooClient, path: str) -> Any:
+    both = zk.transaction()
+    both.create(path)
+    both.create(_contender(path), ephemeral=True, sequence=True)
+    return both.commit_async()
+
+
+def _contender(path: str) -> str:
+    return f"{path}/{uuid.uuid4().hex}__lock__"
 
 
 def _sequence(name: str) -> str | None:
