@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from freshpool.core.states import InvalidTransition, NodeState, RequestState
+from freshpool.core.states import (
+    BuildState,
+    InvalidTransition,
+    NodeState,
+    RequestState,
+    UploadState,
+)
 from freshpool.store import StaleState, Store
 from freshpool.store.nodes import Move
 from tests.support import fulfil
@@ -237,3 +243,30 @@ def test_a_restart_or_takeover_makes_every_delete_left_in_flight_due_again(store
     assert {n.id for n in store.due_for_delete(now)} == {first, retried}
     store.release_delete_leases(now)
     assert {n.id for n in store.due_for_delete(now)} == {first, retried, other}
+
+
+def test_the_build_each_provider_launches_from(store: Store) -> None:
+    """The newest ready build whose upload to the provider is ready; on a provider
+    whose driver runs builds in place, also one with no upload there at all."""
+    old = store.new_build("img-1", "img", "/layers/old")
+    store.build_transition(old.id, BuildState.BUILDING, BuildState.READY, "built")
+    time.sleep(0.01)  # the newer build is newer by its created_at
+    new = store.new_build("img-2", "img", "/layers/new")
+    store.build_transition(new.id, BuildState.BUILDING, BuildState.READY, "built")
+    for build, provider in [(old, "cloud-a"), (new, "cloud-b"), (old, "cloud-b")]:
+        upload = store.new_upload(build.id, provider)
+        store.upload_transition(upload.id, UploadState.UPLOADING, UploadState.READY, "up",
+                                external_id=f"ami-{build.id}-{provider}")  # fmt: skip
+    store.new_upload(new.id, "cloud-a")  # still uploading: old serves there meanwhile
+    store.new_upload(new.id, "host")  # in place, but an upload row that is not ready
+    found = store.serving_on(
+        "img", {"cloud-a": False, "cloud-b": False, "cloud-c": False, "host": True, "disk": True}
+    )
+    assert {p: (s.build.id, s.external_id) for p, s in found.items()} == {
+        "cloud-a": (old.id, f"ami-{old.id}-cloud-a"),
+        "cloud-b": (new.id, f"ami-{new.id}-cloud-b"),
+        "host": (old.id, None),
+        "disk": (new.id, None),
+    }
+    assert store.serving_on("img", {}) == {}
+    assert store.serving_on("other", {"cloud-a": True}) == {}

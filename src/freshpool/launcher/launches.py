@@ -83,14 +83,23 @@ def plan_launches(shared: Shared, failures: LaunchFailures) -> tuple[list[Launch
         if shared.store.serving_build(label.image) is None:
             _no_build(shared, label)
             continue
-        for provider in _by_room(shared, label, used):
+        providers = _by_room(shared, label, used)
+        # Only a build whose upload to the provider is ready (the image keeper's work),
+        # or one in place on disk for a driver that runs builds from their layers.
+        builds = shared.store.serving_on(label.image, {
+            p.name: shared.drivers[p.name].serves_without_upload(label.name) for p in providers
+        })  # fmt: skip
+        for provider in providers:
             if missing <= 0:
                 break
             if failures.paused(provider.name, label.name):
                 continue
+            serving = builds.get(provider.name)
+            if serving is None:
+                continue
             room = Room(label_supply=wanted, label_max=label.max_nodes)
             launch = _launch_on(
-                shared, provider, label, missing, used[provider.name], throttled, room
+                shared, provider, label, serving, missing, used[provider.name], throttled, room
             )
             if launch is not None:
                 launches.append(launch)
@@ -103,6 +112,7 @@ def _launch_on(
     shared: Shared,
     provider: Provider,
     label: Label,
+    serving: ServingBuild,
     missing: int,
     used: int,
     throttled: set[str],
@@ -120,15 +130,6 @@ def _launch_on(
     if room <= 0:
         return None
     gate = shared.gates[provider.name]
-    if gate.next_token_in() > 0:
-        # Asked before the build: most passes find most providers at their rate.
-        throttled.add(provider.name)
-        return None
-    # Only a build whose upload to this provider is ready (the image keeper's work).
-    in_place = driver.serves_without_upload(label.name)
-    serving = shared.store.serving_on(label.image, provider.name, in_place)
-    if serving is None:
-        return None
     allowed = 0
     while allowed < room and gate.take():
         allowed += 1

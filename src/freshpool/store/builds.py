@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,43 +196,42 @@ class BuildQueries(StoreBase):
             row = conn.execute(query).first()
         return BuildRow(**row._mapping) if row else None
 
-    def serving_on(self, image: str, provider: str, in_place: bool = False) -> ServingBuild | None:
-        """The newest ready build of an image whose upload to `provider` is ready.
+    def serving_on(self, image: str, providers: Mapping[str, bool]) -> dict[str, ServingBuild]:
+        """For each of `providers`, the newest ready build of an image whose upload to
+        it is ready (providers with none are left out), in one query for them all.
 
-        `in_place`: the provider's driver runs builds from their layers on disk, so a
-        build with no upload row there yet serves too.
+        A provider's flag says its driver runs builds from their layers on disk, so
+        a build with no upload row there yet serves too.
         """
-        upload = (
-            select(uploads.c.state, uploads.c.external_id)
-            .where(uploads.c.build_id == image_builds.c.id, uploads.c.provider == provider)
-            .correlate(image_builds)
-        )
-        state = upload.with_only_columns(uploads.c.state).scalar_subquery()
-        allowed = state == UploadState.READY
-        if in_place:
-            allowed = allowed | state.is_(None)
+        if not providers:
+            return {}
         query = (
-            select(
-                image_builds,
-                upload.with_only_columns(uploads.c.external_id)
-                .scalar_subquery()
-                .label("upload_external_id"),
-            )
-            .where(
-                image_builds.c.image == image,
-                image_builds.c.state == BuildState.READY,
-                allowed,
-            )
+            select(image_builds, uploads.c.provider, uploads.c.state.label("upload_state"),
+                   uploads.c.external_id.label("upload_external_id"))
+            .outerjoin(uploads, (uploads.c.build_id == image_builds.c.id)
+                       & uploads.c.provider.in_(sorted(providers)))
+            .where(image_builds.c.image == image, image_builds.c.state == BuildState.READY)
             .order_by(image_builds.c.created_at.desc(), image_builds.c.id.desc())
-            .limit(1)
-        )
+        )  # fmt: skip
         with self._read() as conn:
-            row = conn.execute(query).first()
-        if row is None:
-            return None
-        data = dict(row._mapping)
-        external_id = data.pop("upload_external_id")
-        return ServingBuild(BuildRow(**data), provider, external_id)
+            rows = conn.execute(query).all()
+        builds: dict[str, BuildRow] = {}
+        uploaded: dict[tuple[str, str], tuple[str, str | None]] = {}
+        for row in rows:
+            data = dict(row._mapping)
+            provider, state = data.pop("provider"), data.pop("upload_state")
+            external_id = data.pop("upload_external_id")
+            builds.setdefault(data["id"], BuildRow(**data))
+            if provider is not None:
+                uploaded[data["id"], provider] = (state, external_id)
+        found: dict[str, ServingBuild] = {}
+        for provider, in_place in providers.items():
+            for build in builds.values():  # newest first
+                state, external_id = uploaded.get((build.id, provider), (None, None))
+                if state == UploadState.READY or (in_place and state is None):
+                    found[provider] = ServingBuild(build, provider, external_id)
+                    break
+        return found
 
     def nodes_per_build(self) -> Counter[str]:
         """How many node rows (any state) each build has."""
