@@ -9,9 +9,9 @@ from freshpool.store.fencing import Fencing
 from freshpool.store.handout import HandOut, HandOutQueries, NewRequest, Planner, Queue, queue_only
 from freshpool.store.history import HistoryEvent, HistoryQueries, RequestOutcome
 from freshpool.store.leases import LauncherRow, LeaseQueries, LeaseRow
-from freshpool.store.nodes import EventRow, Move, NewNodes, NodeQueries, NodeRow
+from freshpool.store.nodes import EventRow, Move, NodeQueries, NodeRow
 from freshpool.store.requests import RequestQueries, RequestRow
-from freshpool.store.room import Room
+from freshpool.store.room import NewNodes, Room
 from freshpool.store.targets import Arrival, TargetQueries, TargetRow
 from freshpool.store.tokens import TokenQueries, TokenRow
 from freshpool.store.uploads import UploadQueries, UploadRow

@@ -26,7 +26,7 @@ from freshpool.core.errors import NotFound, StaleState
 from freshpool.core.states import NodeState
 from freshpool.store.base import StoreBase, cas_statement
 from freshpool.store.fencing import Fence
-from freshpool.store.room import Ask, Room, fit
+from freshpool.store.room import NewNodes, Room, fit
 from freshpool.store.schema import node_events, nodes
 
 
@@ -66,18 +66,6 @@ class EventRow:
     # Who wrote it, for the launcher's fenced writes (None otherwise, and before 0009).
     launcher: str | None = None
     generation: int | None = None
-
-
-@dataclass(frozen=True)
-class NewNodes:
-    """A launch's rows to write: `count` nodes of `label` on `provider` from a build."""
-
-    label: str
-    provider: str
-    build_id: str
-    hostname_prefix: str
-    count: int
-    room: Room | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +113,7 @@ class NodeQueries(StoreBase):
         state = NodeState.BUILDING
         with self._write() as conn:
             fence = self._fence_providers(conn, sorted({a.provider for a in asks}))
-            counts = fit(conn, [Ask(a.label, a.provider, a.count, a.room) for a in asks])
+            counts = fit(conn, asks)
             rows = [
                 {"label": a.label, "provider": a.provider, "state": state,
                  "build_id": a.build_id, "hostname": "", "created_at": now, "state_at": now}

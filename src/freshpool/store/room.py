@@ -29,16 +29,19 @@ class Room:
 
 
 @dataclass(frozen=True)
-class Ask:
-    """`count` new nodes of `label` on `provider`, under `room` (None: no cap)."""
+class NewNodes:
+    """A launch's rows to write: `count` nodes of `label` on `provider` from a build,
+    under `room` (None: no cap)."""
 
     label: str
     provider: str
+    build_id: str
+    hostname_prefix: str
     count: int
     room: Room | None = None
 
 
-def fit(conn: Connection, asks: Sequence[Ask]) -> list[int]:
+def fit(conn: Connection, asks: Sequence[NewNodes]) -> list[int]:
     """How many of each ask's new nodes fit now, the asks taken in order (each counts
     the ones before it). On PostgreSQL the labels' and then the providers' advisory
     locks are held to the transaction's end, each kind in name order, so launches that
